@@ -1,0 +1,275 @@
+"""Turning router deltas into OpenAI responses: whole JSON bodies and SSE chunk streams.
+
+`Generation` runs the `RouterRequest`s of one HTTP request (one per prompt and choice),
+merges their deltas in arrival order, keeps per-choice state and records metrics. The
+route handlers in `frontend.app` own one `Generation` per request, on the event loop.
+Cleanup in this module never awaits inside `finally`: when the client disconnects,
+Starlette cancels the response task and every await there would be cancelled again, so
+cancelling Triton streams is done by synchronous calls (`call.cancel()`, `task.cancel()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from frontend.errors import APIError, service_unavailable
+from frontend.metrics import FrontendMetrics
+from frontend.protocol import RouterRequest
+from frontend.triton_client import RouterClient, RouterDelta
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as compact JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """Progress of one choice (one router request)."""
+
+    index: int
+    prompt_index: int
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    started: bool = False
+
+
+class Generation:
+    """The router requests behind one OpenAI request, merged into one delta stream.
+
+    Created by a route handler, iterated once with `deltas()` (which yields
+    `(choice_index, RouterDelta)`), then read for usage. Closing `deltas()` early cancels
+    every router stream still open.
+    """
+
+    def __init__(
+        self,
+        client: RouterClient,
+        requests: list[RouterRequest],
+        param_map: dict[str, str],
+        metrics: FrontendMetrics,
+        model: str,
+        n: int,
+    ) -> None:
+        self.client = client
+        self.requests = requests
+        self.param_map = param_map
+        self.metrics = metrics
+        self.model = model
+        self.started_at = time.monotonic()
+        self.choices = [ChoiceState(index=i, prompt_index=i // n) for i in range(len(requests))]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RouterDelta]]:
+        source = self._single() if len(self.requests) == 1 else self._merged()
+        async with aclosing(source) as stream:
+            async for index, delta in stream:
+                self._record(self.choices[index], delta)
+                yield index, delta
+
+    async def _single(self) -> AsyncIterator[tuple[int, RouterDelta]]:
+        async with aclosing(self.client.generate(self.requests[0], self.param_map)) as stream:
+            async for delta in stream:
+                yield 0, delta
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RouterDelta]]:
+        queue: asyncio.Queue[tuple[int, RouterDelta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, req: RouterRequest) -> None:
+            try:
+                async with aclosing(self.client.generate(req, self.param_map)) as stream:
+                    async for delta in stream:
+                        queue.put_nowait((index, delta))
+            except Exception as exc:  # handed to the consumer, which raises it
+                queue.put_nowait((index, exc))
+                return
+            queue.put_nowait((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(self.requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()  # each task's aclosing() cancels its Triton stream
+
+    def _record(self, choice: ChoiceState, delta: RouterDelta) -> None:
+        now = time.monotonic()
+        new_tokens = max(delta.num_output_tokens - choice.completion_tokens, len(delta.token_ids))
+        if new_tokens > 0:
+            if choice.first_token_at is None:
+                choice.first_token_at = now
+                self.metrics.ttft.observe(now - self.started_at, self.model)
+            else:
+                gap = now - (choice.last_token_at or now)
+                self.metrics.itl.observe(gap / new_tokens, self.model, count=new_tokens)
+            choice.last_token_at = now
+        choice.text.append(delta.text)
+        choice.prompt_tokens = delta.num_input_tokens or choice.prompt_tokens
+        choice.cached_tokens = delta.cached_tokens or choice.cached_tokens
+        choice.completion_tokens = max(delta.num_output_tokens, choice.completion_tokens + len(delta.token_ids))
+        if delta.finish_reason:
+            choice.finish_reason = check_finish_reason(delta.finish_reason)
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI `usage`: prompts counted once per prompt, completions per choice."""
+        prompts: dict[int, ChoiceState] = {}
+        for choice in self.choices:
+            prompts.setdefault(choice.prompt_index, choice)
+        prompt_tokens = sum(c.prompt_tokens for c in prompts.values())
+        cached = sum(c.cached_tokens for c in prompts.values())
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def finish(self) -> None:
+        """Record the end-to-end metrics of a generation that completed."""
+        self.metrics.e2e.observe(time.monotonic() - self.started_at, self.model)
+        usage = self.usage()
+        self.metrics.prompt_tokens.inc(self.model, amount=usage["prompt_tokens"])
+        self.metrics.cached_tokens.inc(self.model, amount=usage["prompt_tokens_details"]["cached_tokens"])
+        self.metrics.completion_tokens.inc(self.model, amount=usage["completion_tokens"])
+
+
+def check_finish_reason(reason: str) -> str:
+    """Pass `stop`/`length` through; an abort the client did not ask for is an error."""
+    if reason in ("stop", "length"):
+        return reason
+    if reason == "abort":
+        raise service_unavailable("the request was aborted by the server (worker stopped or drained)")
+    raise APIError(500, f"the engine failed the request (finish_reason={reason!r})", type="server_error")
+
+
+class ResponseShape:
+    """Builds the JSON of one endpoint's responses and chunks (chat or text completion)."""
+
+    def __init__(self, chat: bool, response_id: str, model: str, created: int, echo: list[str] | None = None):
+        self.chat = chat
+        self.id = response_id
+        self.model = model
+        self.created = created
+        self.echo = echo  # prompts to prepend (completions with echo=true), by prompt index
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, generation: Generation) -> dict[str, Any]:
+        choices = []
+        for c in generation.choices:
+            text = "".join(c.text)
+            if self.echo is not None:
+                text = self.echo[c.prompt_index] + text
+            if self.chat:
+                message = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
+                choices.append({"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason})
+        body = self._envelope("chat.completion" if self.chat else "text_completion")
+        body.update(choices=choices, usage=generation.usage(), system_fingerprint=None)
+        return body
+
+    def chunk(self, index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        body["choices"] = [choice]
+        return body
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
+        body.update(choices=[], usage=usage)
+        return body
+
+
+async def stream_events(
+    generation: Generation,
+    deltas: AsyncIterator[tuple[int, RouterDelta]],
+    first: tuple[int, RouterDelta],
+    shape: ResponseShape,
+    include_usage: bool,
+    continuous_usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE body of a streaming response, starting from the already received `first`.
+
+    Owns `deltas` (closing it cancels the Triton streams). An error after the first
+    event becomes an `{"error": ...}` event (the status line is gone by then), followed
+    by `[DONE]`, as vLLM does.
+    """
+    try:
+        async with aclosing(deltas):
+            index, delta = first
+            while True:
+                for event in _events_of(generation, shape, index, delta, include_usage, continuous_usage):
+                    yield event
+                try:
+                    index, delta = await deltas.__anext__()
+                except StopAsyncIteration:
+                    break
+        generation.finish()
+        if include_usage:
+            yield sse(shape.usage_chunk(generation.usage()))
+    except APIError as exc:
+        logger.warning("stream %s failed after it started: %s", shape.id, exc.message)
+        yield sse(exc.body())
+    yield SSE_DONE
+
+
+def _events_of(
+    generation: Generation,
+    shape: ResponseShape,
+    index: int,
+    delta: RouterDelta,
+    include_usage: bool,
+    continuous_usage: bool,
+) -> list[str]:
+    choice = generation.choices[index]
+    events = []
+    text = delta.text
+    if not choice.started:
+        choice.started = True
+        if shape.echo is not None:
+            text = shape.echo[choice.prompt_index] + text
+        if shape.chat:
+            events.append(sse(_with_usage(shape.chunk(index, None, None, role=True), None, include_usage)))
+    if text or delta.finish_reason:
+        usage = generation.usage() if continuous_usage else None
+        chunk = shape.chunk(index, text, choice.finish_reason)
+        events.append(sse(_with_usage(chunk, usage, include_usage)))
+    return events
+
+
+def _with_usage(chunk: dict[str, Any], usage: dict[str, Any] | None, include_usage: bool) -> dict[str, Any]:
+    if include_usage:
+        chunk["usage"] = usage
+    return chunk

@@ -1,0 +1,274 @@
+"""The frontend's only door to Triton: the `router` model over gRPC streaming.
+
+`RouterClient` owns one `tritonclient.grpc.aio.InferenceServerClient` (one HTTP/2
+channel) for the life of the app; it is created and closed by the app's lifespan on the
+event loop's thread, and every method runs on that loop. `generate` opens one
+bidirectional `ModelStreamInfer` stream per router request and yields `RouterDelta`s until
+the response that carries a `finish_reason`. Leaving the generator early (the client went
+away, a sibling choice failed, a timeout) cancels the gRPC call: Triton then marks the
+request cancelled, the router cancels its BLS children and the workers free the blocks.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from frontend.errors import APIError, from_triton_message, service_unavailable
+from frontend.protocol import RouterRequest
+
+logger = logging.getLogger(__name__)
+
+# Worker models the router may send requests to: decode, decode_3, prefill, prefill_1, ...
+WORKER_MODEL = re.compile(r"^(decode|prefill)(_\d+)?$")
+# Router/worker config parameters that may name the served model, in order of preference.
+_MODEL_ID_KEYS = ("served_model_name", "model_id", "model_name")
+_MODEL_PATH_KEYS = ("model_path", "model", "gguf_path", "model_dir")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterDelta:
+    """One response of the router: the text and tokens new since the previous one."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "" until the last response
+    num_input_tokens: int
+    num_output_tokens: int
+    cached_tokens: int
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What `/health` reports: the router's state and the worker models that are READY."""
+
+    router_ready: bool
+    workers: tuple[str, ...]
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.router_ready and bool(self.workers)
+
+
+def build_inputs(req: RouterRequest) -> list[InferInput]:
+    """The router's input tensors for `req`; inputs left as None are not sent."""
+    inputs: list[InferInput] = []
+
+    def add(name: str, dtype: str, values: Any, np_dtype: Any) -> None:
+        array = np.asarray(values, dtype=np_dtype).reshape(-1)
+        tensor = InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+
+    def text(value: str) -> bytes:
+        return value.encode("utf-8")
+
+    if req.text_input is not None:
+        add("text_input", "BYTES", [text(req.text_input)], np.object_)
+    if req.messages_json is not None:
+        add("messages", "BYTES", [text(req.messages_json)], np.object_)
+    if req.input_ids is not None:
+        add("input_ids", "INT32", list(req.input_ids), np.int32)
+    if req.max_tokens is not None:
+        add("max_tokens", "INT32", [req.max_tokens], np.int32)
+    if req.min_tokens is not None:
+        add("min_tokens", "INT32", [req.min_tokens], np.int32)
+    if req.temperature is not None:
+        add("temperature", "FP32", [req.temperature], np.float32)
+    if req.top_p is not None:
+        add("top_p", "FP32", [req.top_p], np.float32)
+    if req.top_k is not None:
+        add("top_k", "INT32", [req.top_k], np.int32)
+    if req.seed is not None:
+        add("seed", "UINT64", [req.seed], np.uint64)
+    if req.stop:
+        add("stop", "BYTES", [text(s) for s in req.stop], np.object_)
+    if req.stop_token_ids:
+        add("stop_token_ids", "INT32", list(req.stop_token_ids), np.int32)
+    if req.ignore_eos is not None:
+        add("ignore_eos", "BOOL", [req.ignore_eos], np.bool_)
+    add("stream", "BOOL", [req.stream], np.bool_)
+    add("request_id", "BYTES", [text(req.request_id)], np.object_)
+    return inputs
+
+
+class RouterClient:
+    """Streams generations from the `router` model and probes readiness.
+
+    Created by `create_app`; `start()`/`close()` run in the app's lifespan. Not
+    thread-safe: use it from the event loop that started it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        router_model: str = "router",
+        request_timeout_s: float = 600.0,
+        health_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.router_model = router_model
+        self.request_timeout_s = request_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self._client: grpcclient.InferenceServerClient | None = None
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.url)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        if self._client is None:
+            raise service_unavailable("the Triton client is not started")
+        return self._client
+
+    async def generate(
+        self, req: RouterRequest, param_map: dict[str, str] | None = None
+    ) -> AsyncIterator[RouterDelta]:
+        """Yield the router's responses for `req` up to and including the final one.
+
+        Raises `APIError` for a Triton error (mapped by `from_triton_message`) or a
+        broken stream. Closing the generator early cancels the Triton request.
+        """
+        inputs = build_inputs(req)
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.router_model, "inputs": inputs, "request_id": req.request_id}
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stream = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout_s)
+        finished = False
+        try:
+            async for result, error in _guard(stream):
+                if error is not None:
+                    raise from_triton_message(error.message() or str(error), param_map)
+                delta = _parse(result, decoder)
+                finished = bool(delta.finish_reason)
+                yield delta
+                if finished:
+                    return
+            raise APIError(502, "the router closed the stream before the final response", type="server_error")
+        finally:
+            if not finished:
+                logger.info("cancelling router stream request_id=%s", req.request_id)
+            stream.cancel()  # a no-op once the call has finished
+
+    async def readiness(self) -> Readiness:
+        """Router and worker model states from Triton's repository index."""
+        try:
+            index = await self.client.get_model_repository_index(
+                as_json=True, client_timeout=self.health_timeout_s
+            )
+        except (InferenceServerException, APIError) as exc:
+            return Readiness(False, (), error=str(exc))
+        ready = {
+            m["name"] for m in index.get("models", []) if m.get("state") == "READY" and "name" in m
+        }
+        workers = tuple(sorted(name for name in ready if WORKER_MODEL.match(name)))
+        return Readiness(self.router_model in ready, workers)
+
+    async def served_model_id(self) -> str | None:
+        """The engine's model id as the router or a worker config names it, if any."""
+        for model in (self.router_model, "decode", "prefill"):
+            try:
+                config = await self.client.get_model_config(
+                    model, as_json=True, client_timeout=self.health_timeout_s
+                )
+            except InferenceServerException:
+                continue
+            found = model_id_from_parameters(config.get("config", config).get("parameters", {}))
+            if found:
+                return found
+        return None
+
+
+def model_id_from_parameters(parameters: dict[str, Any]) -> str | None:
+    """Pick a model id out of a Triton config's `parameters` map."""
+    values = {k: (v or {}).get("string_value", "") for k, v in parameters.items()}
+    for key in _MODEL_ID_KEYS:
+        value = values.get(key, "").strip()
+        if value and not value.startswith("${"):
+            return value
+    for key in _MODEL_PATH_KEYS:
+        value = values.get(key, "").strip()
+        if value and not value.startswith("${"):
+            return model_id_from_path(value)
+    return None
+
+
+def model_id_from_path(path: str) -> str:
+    """`.../SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+        name = re.sub(r"[.-](?:[QqFf]\d+(?:_[A-Za-z0-9]+)*|BF16|bf16)$", "", name)
+    return name
+
+
+async def _guard(stream: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """Iterate a tritonclient response stream, turning gRPC failures into `APIError`s."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            item = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except grpc.aio.AioRpcError as exc:
+            raise _from_rpc_error(exc) from None
+        except InferenceServerException as exc:
+            raise from_triton_message(exc.message() or str(exc)) from None
+        yield item
+
+
+def _from_rpc_error(exc: grpc.aio.AioRpcError) -> APIError:
+    code = exc.code()
+    details = exc.details() or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return service_unavailable(f"Triton is unreachable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, f"the request timed out: {details}", type="timeout_error", code="timeout")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return APIError(429, details, type="rate_limit_error", code="resource_exhausted")
+    return from_triton_message(details)
+
+
+def _parse(result: Any, decoder: codecs.IncrementalDecoder) -> RouterDelta:
+    def scalar(name: str, default: Any) -> Any:
+        array = result.as_numpy(name)
+        return default if array is None or array.size == 0 else array.reshape(-1)[0]
+
+    raw_text = scalar("text_output", b"")
+    finish = scalar("finish_reason", b"")
+    if isinstance(finish, bytes):
+        finish = finish.decode("utf-8", errors="replace")
+    text = decoder.decode(raw_text if isinstance(raw_text, bytes) else str(raw_text).encode())
+    if finish:
+        text += decoder.decode(b"", final=True)
+    ids = result.as_numpy("output_ids")
+    worker = scalar("worker", b"")
+    return RouterDelta(
+        text=text,
+        token_ids=() if ids is None else tuple(int(t) for t in ids.reshape(-1)),
+        finish_reason=str(finish),
+        num_input_tokens=int(scalar("num_input_tokens", 0)),
+        num_output_tokens=int(scalar("num_output_tokens", 0)),
+        cached_tokens=int(scalar("cached_tokens", 0)),
+        worker=worker.decode("utf-8", errors="replace") if isinstance(worker, bytes) else str(worker),
+    )

@@ -1,0 +1,135 @@
+"""The bytes that tell a peer process how to map a KV pool (`KVPoolMemory.handle()`).
+
+A handle names the pool's memory (a POSIX shared-memory segment, or a CUDA IPC handle plus
+the GPU's UUID), the owner's pid, the pool's size and its full layout. The layout travels so
+that a decode worker that refuses a mismatched pool can say what the peer has, not only that
+the fingerprints differ. Handles are built by the pools (`shm_pool`, `cuda_pool`) and parsed
+by `KVImporter`; nothing else looks inside.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from kv_manager.layout import DTYPE_SIZES, KVLayout
+from trident.errors import KVTransferError
+
+HANDLE_VERSION = 1
+SHM_PREFIX = "trident_kv_"
+_SHM_NAME_RE = re.compile(r"^trident_kv_[0-9]+_[0-9a-f]{32}$")
+_KINDS = ("shm", "cuda", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolHandle:
+    """A parsed pool handle. `pool_id` is unique per pool and keys the importer's cache.
+
+    kind "shm": `shm_name` is the segment name (no leading slash).
+    kind "cuda": `cuda_ipc` is the tuple `UntypedStorage._share_cuda_()` returned and
+    `device_uuid` the GPU it lives on (device indices differ between processes).
+    kind "local": reachable only from the owning process (non-shareable pools).
+    """
+
+    kind: str
+    pool_id: str
+    pid: int
+    layout: KVLayout
+    num_blocks: int
+    shm_name: str = ""
+    device_uuid: str = ""
+    cuda_ipc: tuple[Any, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.layout.block_nbytes
+
+
+def encode_handle(h: PoolHandle) -> bytes:
+    lay = h.layout
+    body = {
+        "v": HANDLE_VERSION,
+        "kind": h.kind,
+        "pool_id": h.pool_id,
+        "pid": h.pid,
+        "num_blocks": h.num_blocks,
+        "layout": [
+            lay.num_layers,
+            lay.num_kv_heads,
+            lay.head_dim,
+            lay.block_size,
+            lay.dtype,
+            lay.model_id,
+        ],
+        "shm_name": h.shm_name,
+        "device_uuid": h.device_uuid,
+        "cuda_ipc": list(h.cuda_ipc),
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_handle(data: bytes) -> PoolHandle:
+    """Parse and validate a handle; raises `KVTransferError` naming the bad field."""
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise KVTransferError(f"pool_handle: not a pool handle ({e})") from e
+    if not isinstance(body, dict):
+        raise KVTransferError("pool_handle: not a pool handle (expected a map)")
+    if body.get("v") != HANDLE_VERSION:
+        raise KVTransferError(
+            f"pool_handle: version {body.get('v')!r} not supported (this worker speaks "
+            f"{HANDLE_VERSION})"
+        )
+    kind = _field(body, "kind", str)
+    if kind not in _KINDS:
+        raise KVTransferError(f"pool_handle.kind: unknown kind {kind!r}")
+    num_blocks = _field(body, "num_blocks", int)
+    if num_blocks <= 0:
+        raise KVTransferError(f"pool_handle.num_blocks: must be positive, got {num_blocks}")
+    handle = PoolHandle(
+        kind=kind,
+        pool_id=_field(body, "pool_id", str),
+        pid=_field(body, "pid", int),
+        layout=_layout(body.get("layout")),
+        num_blocks=num_blocks,
+        shm_name=_field(body, "shm_name", str),
+        device_uuid=_field(body, "device_uuid", str),
+        cuda_ipc=tuple(_field(body, "cuda_ipc", list)),
+    )
+    if kind == "shm" and not _SHM_NAME_RE.match(handle.shm_name):
+        raise KVTransferError(f"pool_handle.shm_name: not a Trident segment: {handle.shm_name!r}")
+    if kind == "cuda" and (len(handle.cuda_ipc) != 8 or not handle.device_uuid):
+        raise KVTransferError("pool_handle.cuda_ipc: malformed CUDA IPC handle")
+    return handle
+
+
+def _field(body: dict[str, Any], name: str, typ: type) -> Any:
+    value = body.get(name)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise KVTransferError(
+            f"pool_handle.{name}: expected {typ.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _layout(raw: Any) -> KVLayout:
+    if not isinstance(raw, list) or len(raw) != 6:
+        raise KVTransferError("pool_handle.layout: expected 6 fields")
+    layers, heads, head_dim, block_size, dtype, model_id = raw
+    for name, v in (
+        ("num_layers", layers),
+        ("num_kv_heads", heads),
+        ("head_dim", head_dim),
+        ("block_size", block_size),
+    ):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise KVTransferError(f"pool_handle.layout.{name}: expected a positive int, got {v!r}")
+    if dtype not in DTYPE_SIZES:
+        raise KVTransferError(f"pool_handle.layout.dtype: unknown dtype {dtype!r}")
+    if not isinstance(model_id, str):
+        raise KVTransferError("pool_handle.layout.model_id: expected str")
+    return KVLayout(layers, heads, head_dim, block_size, dtype, model_id)

@@ -1,0 +1,89 @@
+"""Configuration of the reference PyTorch engine: one dataclass, one path.
+
+The same keys are used in config.pbtxt parameters, `trident serve` flags (as
+`--kebab-case`) and environment variables (`TRIDENT_` + upper-case key). `from_mapping`
+treats "" and unexpanded "${...}" values as unset, so a template config.pbtxt works as is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from trident.errors import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class TorchEngineConfig:
+    model: str = ""  # GGUF file or Hugging Face directory; "" = the default SmolLM2 GGUF
+    dtype: str = "auto"  # auto: bfloat16 where the CPU/GPU supports it, else float32
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derive from kv_cache_mb
+    kv_cache_mb: int = 256
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    max_model_len: int = 0  # 0: the model's own context length
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    enable_prefix_caching: bool = True
+    shareable_kv: bool = False  # allocate the pool so peers can map it (disaggregation)
+    worker_id: str = "worker"
+    lease_ttl_s: float = 30.0
+    cache_dir: str = ""  # where converted weights are cached; "" = ~/.cache/trident
+
+    def validate(self) -> TorchEngineConfig:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("num_blocks", "kv_cache_mb", "max_model_len", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_blocks == 0 and self.kv_cache_mb == 0:
+            raise ConfigError("set num_blocks or kv_cache_mb")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError(f"lease_ttl_s must be positive, got {self.lease_ttl_s}")
+        return self
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> TorchEngineConfig:
+        """Build from string parameters (config.pbtxt), then `TRIDENT_*` env vars override."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get("TRIDENT_" + f.name.upper())
+            if _unset(raw):
+                raw = params.get(f.name)
+            if _unset(raw):
+                continue
+            values[f.name] = _coerce(f.name, f.type, str(raw))
+        return replace(cls(), **values).validate()
+
+
+def _unset(raw: object) -> bool:
+    return raw is None or (isinstance(raw, str) and (raw.strip() == "" or raw.startswith("${")))
+
+
+def _coerce(name: str, type_name: object, raw: str) -> object:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}: cannot parse {raw!r} as {kind}") from None

@@ -1,0 +1,273 @@
+"""The reference PyTorch engine: `plugins.base.Engine` over a paged KV pool.
+
+Threads: `submit`, `abort`, `take_events` and `stats` may be called from any thread (a
+Triton model's `execute`, a BLS thread); they only touch the inbox and snapshots under a
+lock. One loop thread, started by `start()`, owns the scheduler, the block pool, the model
+and the KV pool, and calls the request sinks. `shutdown()` joins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import replace
+
+import torch
+
+from kv_manager.block_pool import Block, BlockPool
+from plugins.base import ChunkSink, Engine, EngineInfo, EngineStats
+from plugins.torch_engine.config import TorchEngineConfig
+from plugins.torch_engine.runner import ModelRunner
+from plugins.torch_engine.sampler import make_state
+from plugins.torch_engine.scheduler import Scheduler
+from plugins.torch_engine.sequence import Sequence
+from plugins.torch_engine.setup import EngineParts, build_parts
+from trident.errors import EngineError, ValidationError
+from trident.types import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenChunk
+
+log = logging.getLogger(__name__)
+
+
+class TorchEngine(Engine):
+    """See `plugins.base` for the contract and this module's docstring for threads."""
+
+    def __init__(self, config: TorchEngineConfig | None = None) -> None:
+        self.config = (config or TorchEngineConfig()).validate()
+        self._parts: EngineParts | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._events: list = []
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._seqs: dict[str, Sequence] = {}  # loop thread only
+        self._counters = {"prompt": 0, "cached": 0, "generated": 0}
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._parts = build_parts(self.config)
+        p = self._parts
+        self.scheduler = Scheduler(p.block_pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self._import_kv)
+        self.runner = ModelRunner(p.model, p.memory.tensor, self.config.block_size)
+        self._publish_stats()
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.config.worker_id}", daemon=True)
+        self._thread.start()
+
+    def info(self) -> EngineInfo:
+        if self._parts is None:
+            raise EngineError("engine not started")
+        return self._parts.info
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                log.error("engine %s: loop thread did not stop within 30 s", self.config.worker_id)
+        if self._parts is not None:
+            self._parts.close()
+
+    # -- any thread -------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, sink: ChunkSink) -> None:
+        info = self.info()
+        if self._stopping:
+            raise EngineError("engine is shutting down")
+        request.validate(info.vocab_size, info.max_model_len)
+        if request.kv_import is not None and request.first_token_id is None:
+            raise ValidationError("first_token_id", "required with kv_import")
+        self._post("submit", (request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def take_events(self) -> list:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _post(self, kind: str, item: object) -> None:
+        with self._lock:
+            self._inbox.append((kind, item))
+        self._wake.set()
+
+    # -- loop thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                self._reclaim_leases()
+                if not self.scheduler.has_work():
+                    self._publish_stats()
+                    self._wake.wait(0.05 if self._parts and self._parts.exporter else 1.0)
+                    self._wake.clear()
+                    continue
+                self._step()
+        finally:
+            for seq in list(self._seqs.values()):
+                self._finish(seq, FINISH_ABORT)
+            self._drain_inbox(reject=True)
+            self._reclaim_leases()
+            self._publish_stats()
+
+    def _drain_inbox(self, reject: bool = False) -> None:
+        with self._lock:
+            items, self._inbox = list(self._inbox), deque()
+        for kind, item in items:
+            if kind == "submit":
+                request, sink = item  # type: ignore[misc]
+                if reject or request.request_id in self._seqs:
+                    finish, why = (FINISH_ABORT, "engine is shutting down") if reject else (FINISH_ERROR, "duplicate request_id")
+                    _safe_send(sink, TokenChunk(request.request_id, (), True, finish, error=why))
+                    continue
+                self._add(request, sink)
+            elif kind == "abort":
+                seq = self._seqs.get(item)  # type: ignore[arg-type]
+                if seq is not None:
+                    self._finish(seq, FINISH_ABORT)
+
+    def _add(self, request: GenerateRequest, sink: ChunkSink) -> None:
+        info = self.info()
+        tokens = list(request.prompt_token_ids)
+        seq = Sequence(request, sink, make_state(request.sampling, info.eos_token_ids), tokens, len(tokens))
+        if request.kv_import is not None:
+            seq.import_pending = True
+            seq.token_ids.append(int(request.first_token_id or 0))
+            seq.num_outputs = seq.num_emitted = 1  # the prefill worker already streamed it
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _step(self) -> None:
+        batch, failed = self.scheduler.schedule()
+        for seq, exc in failed:
+            log.warning("request_id=%s worker=%s: KV import failed: %s", seq.request_id, self.config.worker_id, exc)
+            self._finish(seq, FINISH_ERROR, error=str(exc))
+        if not batch.seqs:
+            self._wake.wait(0.001)
+            return
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as exc:
+            log.exception("worker=%s: step failed; failing its %d requests", self.config.worker_id, len(batch.seqs))
+            for seq in batch.seqs:
+                self._finish(seq, FINISH_ERROR, error=f"engine step failed: {exc}")
+            return
+        self.scheduler.update(batch)
+        for seq, token in sampled:
+            self._on_token(seq, token)
+        self._publish_stats()
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        info = self.info()
+        sp = seq.request.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in info.eos_token_ids):
+            self._finish(seq, FINISH_STOP)
+            return
+        seq.token_ids.append(token)
+        seq.num_outputs += 1
+        self._counters["generated"] += 1
+        if seq.num_outputs >= sp.max_tokens or len(seq.token_ids) >= info.max_model_len:
+            self._finish(seq, FINISH_LENGTH)
+            return
+        self._emit(seq, finished=False, reason=None)
+
+    def _emit(self, seq: Sequence, finished: bool, reason: str | None, error: str | None = None, kv_export: bytes | None = None) -> None:
+        new = tuple(seq.token_ids[seq.prompt_len + seq.num_emitted :]) if seq.num_outputs > seq.num_emitted else ()
+        seq.num_emitted = seq.num_outputs
+        chunk = TokenChunk(seq.request_id, new, finished, reason, seq.prompt_len, seq.num_cached_tokens, error, kv_export)
+        if not _safe_send(seq.sink, chunk) and not finished:
+            self._finish(seq, FINISH_ABORT)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if self._seqs.pop(seq.request_id, None) is None:
+            return
+        kv_export = None
+        if seq.request.hold_kv and reason in (FINISH_STOP, FINISH_LENGTH) and self._parts and self._parts.exporter:
+            kv_export = self._export(seq)
+        self.scheduler.remove(seq)
+        self._counters["prompt"] += seq.prompt_len
+        self._counters["cached"] += seq.num_cached_tokens
+        self._emit(seq, finished=True, reason=reason, error=error, kv_export=kv_export)
+
+    # -- KV transfer --------------------------------------------------------------------
+    def _export(self, seq: Sequence) -> bytes:
+        """Move the prompt's blocks from the sequence to a lease (prefill side)."""
+        bs = self.config.block_size
+        n = -(-seq.prompt_len // bs)
+        self.scheduler.cache_blocks(seq, seq.prompt_len // bs)
+        leased, rest = seq.block_table[:n], seq.block_table[n:]
+        seq.block_table = rest
+        hashes = seq.hashes_upto(seq.prompt_len // bs, bs)
+        assert self._parts is not None and self._parts.exporter is not None
+        return self._parts.exporter.export(seq.request_id, [b.block_id for b in leased], seq.prompt_len, list(hashes))
+
+    def _reclaim_leases(self) -> None:
+        exporter = self._parts.exporter if self._parts else None
+        if exporter is None:
+            return
+        pool = self.scheduler.pool
+        for block_ids in exporter.poll_released():
+            pool.free_blocks([pool.blocks[i] for i in block_ids])
+
+    def _import_kv(self, seq: Sequence, skip: int, blocks: list[Block]) -> None:
+        """Pull a prompt's KV from the prefill worker's pool (decode side)."""
+        importer = self._parts.importer if self._parts else None
+        if importer is None:
+            raise EngineError("this worker cannot import KV (no importer)")
+        raw = seq.request.kv_import
+        assert raw is not None
+        desc = importer.open(raw)
+        try:
+            if desc.num_tokens != seq.prompt_len:
+                raise ValidationError("kv_descriptor", f"covers {desc.num_tokens} tokens, the prompt has {seq.prompt_len}")
+            part = replace(desc, block_ids=tuple(desc.block_ids[skip : skip + len(blocks)]))
+            importer.pull(part, self.runner.pool, [b.block_id for b in blocks])
+        finally:
+            importer.release(desc)
+
+    # -- snapshots --------------------------------------------------------------------
+    def _publish_stats(self) -> None:
+        sched = self.scheduler
+        pool = sched.pool
+        prefill_tokens = sum(max(0, s.prompt_len - s.num_computed) for s in self._seqs.values())
+        exporter = self._parts.exporter if self._parts else None
+        self._stats = EngineStats(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            active_blocks=pool.num_used_blocks,
+            total_blocks=pool.num_blocks,
+            cached_blocks=len(pool.cached),
+            active_prefill_tokens=prefill_tokens,
+            prompt_tokens=self._counters["prompt"],
+            cached_prompt_tokens=self._counters["cached"],
+            generated_tokens=self._counters["generated"],
+            preemptions=sched.num_preemptions,
+            held_blocks=exporter.held_blocks() if exporter else 0,
+        )
+        events = pool.take_events()
+        if events:
+            with self._lock:
+                self._events.extend(events)
+
+
+def _safe_send(sink: ChunkSink, chunk: TokenChunk) -> bool:
+    try:
+        sink(chunk)
+        return True
+    except Exception:
+        log.exception("request_id=%s: sink failed; aborting the request", chunk.request_id)
+        return False
+

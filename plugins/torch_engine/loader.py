@@ -1,0 +1,209 @@
+"""Load a Llama-family checkpoint (GGUF file or Hugging Face directory) as fp32 tensors.
+
+The engine calls `load_checkpoint` once at start, on its own thread, and owns the returned
+tensors (it casts and moves them to its device). Weights use Hugging Face Llama names
+(`model.layers.{i}.self_attn.q_proj.weight`, ...), whatever the file format, so the model
+code has one naming scheme; `lm_head.weight` is present only when the embeddings are untied.
+
+GGUF weights are dequantized with the `gguf` package (exactly what transformers' GGUF
+loader produces) and cached as a safetensors file under `cache_dir` keyed by the GGUF's
+path, size and mtime, so a restart skips dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trident.errors import ModelLoadError
+from trident.model_files import model_id_for, read_gguf, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+LLAMA = "LlamaForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"
+MISTRAL = "MistralForCausalLM"
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, MISTRAL)
+_CACHE_FORMAT = 1  # bump when the cached tensors' meaning changes
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Shape and hyper-parameters of a decoder-only Llama-family model.
+
+    `rope_scaling` is Hugging Face's dict (`{"rope_type": "llama3", "factor": ..., ...}`,
+    `linear`, `dynamic`, `yarn`) or None. From a GGUF with a `rope_freqs` tensor (Llama 3.1
+    and later) it is `{"rope_type": "freq_factors", "freq_factors": [...]}`: llama.cpp's
+    per-frequency divisors of the inverse frequencies (`inv_freq / freq_factors`).
+    """
+
+    model_id: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def attention_bias(self) -> bool:
+        """Whether q/k/v projections have biases (Qwen2)."""
+        return self.architecture == QWEN2
+
+    def validate(self, source: str) -> ModelConfig:
+        """Raise `ModelLoadError` (naming `source`) for an unsupported or inconsistent config."""
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{source}: architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"{source}: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ModelLoadError(f"{source}: rms_norm_eps and rope_theta must be positive")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A model's config and its fp32 weights (Hugging Face names), as `load_checkpoint` returns them."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+
+
+def load_checkpoint(model_path: str, cache_dir: str = "") -> Checkpoint:
+    """Load a GGUF file or a Hugging Face directory ("" = the default SmolLM2 GGUF)."""
+    path = resolve_model_path(model_path)
+    start = time.perf_counter()
+    if os.path.isdir(path):
+        from plugins.torch_engine import hf_loader
+
+        config = hf_loader.read_config(path)
+        weights = hf_loader.load_weights(path, config)
+    else:
+        from plugins.torch_engine import gguf_loader
+
+        gguf = read_gguf(path)
+        config = gguf_loader.read_config(gguf)
+        weights = _load_cached(path, cache_dir, config)
+        if weights is None:
+            weights = gguf_loader.load_weights(gguf, config)
+            _store_cached(path, cache_dir, weights)
+    check_weights(config, weights, path)
+    logger.info("loaded %s (%s, %d tensors) in %.2f s", config.model_id, config.architecture, len(weights), time.perf_counter() - start)
+    return Checkpoint(config, weights)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its shape."""
+    h, hd = config.hidden_size, config.head_dim
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (config.intermediate_size, h),
+                p + "mlp.up_proj.weight": (config.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, config.intermediate_size),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+def check_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise `ModelLoadError` naming `source` and the tensor if one is missing, extra or misshapen."""
+    shapes = expected_shapes(config)
+    missing = [name for name in shapes if name not in weights]
+    if missing:
+        raise ModelLoadError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing)")
+    extra = [name for name in weights if name not in shapes]
+    if extra:
+        raise ModelLoadError(f"{source}: unexpected tensor {extra[0]} for {config.architecture} ({len(extra)} unexpected)")
+    for name, shape in shapes.items():
+        tensor = weights[name]
+        if tuple(tensor.shape) != shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.dtype != torch.float32:
+            raise ModelLoadError(f"{source}: tensor {name} is {tensor.dtype}, expected float32")
+
+
+def cache_path(gguf_path: str, cache_dir: str = "") -> str:
+    """Where the dequantized weights of `gguf_path` are cached (path + size + mtime key)."""
+    root = cache_dir or os.environ.get("TRIDENT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "trident")
+    st = os.stat(gguf_path)
+    key = f"{_CACHE_FORMAT}|{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(root, "gguf", f"{model_id_for(gguf_path)}-{digest}.safetensors")
+
+
+def _load_cached(gguf_path: str, cache_dir: str, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = cache_path(gguf_path, cache_dir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        weights = load_file(path)
+        check_weights(config, weights, path)
+    except (SafetensorError, OSError, ValueError, ModelLoadError) as exc:
+        logger.warning("ignoring unreadable weight cache %s (%s); dequantizing again", path, exc)
+        _remove(path)
+        return None
+    logger.info("loaded dequantized weights of %s from cache %s", gguf_path, path)
+    return weights
+
+
+def _store_cached(gguf_path: str, cache_dir: str, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path = cache_path(gguf_path, cache_dir)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(weights, tmp, metadata={"source": gguf_path, "format": str(_CACHE_FORMAT)})
+        os.replace(tmp, path)  # atomic: a reader sees the old state or the whole file
+    except OSError as exc:
+        logger.warning("cannot write weight cache %s (%s); the next start dequantizes again", path, exc)
+        _remove(tmp)
+        return
+    logger.info("cached dequantized weights at %s", path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,90 @@
+"""Turns a `ScheduledBatch` into model inputs, runs the model and samples.
+
+Called by the engine loop thread once per step. The runner reads block tables but never
+changes them (the scheduler owns blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plugins.torch_engine.attention import AttentionMetadata, PrefillSpan
+from plugins.torch_engine.llama import LlamaModel
+from plugins.torch_engine.sampler import sample
+from plugins.torch_engine.scheduler import ScheduledBatch
+from plugins.torch_engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: torch.Tensor, block_size: int, seed: int = 0) -> None:
+        self.model = model
+        self.pool = pool
+        self.block_size = block_size
+        self.device = model.device
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Forward the batch; return (sequence, sampled token) for every sequence whose
+        pending tokens are all computed by this step."""
+        input_ids, positions, meta, sample_rows, samplers = self._prepare(batch)
+        hidden = self.model.forward(input_ids, positions, self.pool, meta)
+        if not sample_rows:
+            return []
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        tokens = sample(
+            logits, [s.sampling for s in samplers], [s.num_outputs for s in samplers], self.generator
+        )
+        return list(zip(samplers, tokens, strict=True))
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        sample_rows: list[int] = []
+        samplers: list[Sequence] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
+            start = seq.num_computed
+            row0 = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            table = [b.block_id for b in seq.block_table]
+            for p in range(start, start + n):
+                pos.append(p)
+                slot_blocks.append(table[p // bs])
+                slot_offsets.append(p % bs)
+            ctx = start + n
+            if i < batch.num_decode:
+                decode_tables.append(table[: -(-ctx // bs)])
+                decode_lens.append(ctx)
+            else:
+                bt = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(row0, row0 + n, ctx, bt))
+            if ctx == len(seq.token_ids):
+                sample_rows.append(row0 + n - 1)
+                samplers.append(seq)
+        dev = self.device
+        tables = mask = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            cols = torch.arange(width * bs, device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            mask = (cols[None, :] < lens[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
+            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=dev),
+            num_decode=batch.num_decode,
+            decode_block_tables=tables,
+            decode_mask=mask,
+            prefills=prefills,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        return input_ids, positions, meta, sample_rows, samplers

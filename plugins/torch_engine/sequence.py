@@ -1,0 +1,57 @@
+"""Per-request state inside the torch engine (engine loop thread only)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kv_manager.block_pool import Block
+from kv_manager.hashing import BlockHash, hash_block_tokens
+from plugins.base import ChunkSink
+from plugins.torch_engine.sampler import SamplingState
+from trident.types import GenerateRequest
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """A request being served. `token_ids` is prompt + generated tokens; the KV of the first
+    `num_computed` of them is in `block_table`. The scheduler owns `block_table`."""
+
+    request: GenerateRequest
+    sink: ChunkSink
+    sampling: SamplingState
+    token_ids: list[int]
+    prompt_len: int
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[Block] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
+    num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from a cache at first admission
+    num_outputs: int = 0
+    num_emitted: int = 0  # outputs already handed to the sink
+    admitted_once: bool = False
+    import_pending: bool = False  # the prompt's KV comes from a prefill worker
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def hashes_upto(self, num_blocks: int, block_size: int) -> list[BlockHash]:
+        """Chained hashes of the first `num_blocks` full blocks, computed incrementally."""
+        while len(self.block_hashes) < num_blocks:
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            tokens = self.token_ids[i * block_size : (i + 1) * block_size]
+            self.block_hashes.append(hash_block_tokens(parent, tokens))
+        return self.block_hashes[:num_blocks]

@@ -1,0 +1,137 @@
+"""Builds what a started `TorchEngine` owns: model, KV pool, block pool, transfer ends.
+
+Called once by `TorchEngine.start()`; `EngineParts.close()` releases everything and is safe
+to call on parts that were only half built.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_manager.block_pool import BlockPool
+from kv_manager.layout import KVLayout
+from plugins.base import EngineInfo
+from plugins.torch_engine.config import TorchEngineConfig
+from plugins.torch_engine.llama import LlamaModel
+from trident.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class LocalPool:
+    """A KV pool no other process maps."""
+
+    tensor: torch.Tensor
+    layout: KVLayout
+    num_blocks: int
+
+    def handle(self) -> bytes:
+        raise ConfigError("this KV pool is not shareable; start the engine with shareable_kv=true")
+
+    def close(self) -> None:
+        self.tensor = torch.empty(0)
+
+
+@dataclass(slots=True)
+class EngineParts:
+    info: EngineInfo
+    model: LlamaModel
+    memory: object  # kv_manager.transfer.base.KVPoolMemory
+    block_pool: BlockPool
+    exporter: object | None = None  # KVExporter on a shareable (prefill-capable) pool
+    importer: object | None = None  # KVImporter (decode side)
+    _closers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while releasing engine resources")
+        self._closers.clear()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_parts(cfg: TorchEngineConfig) -> EngineParts:
+    from plugins.torch_engine.loader import load_checkpoint
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(cfg.model, cfg.cache_dir)
+    mc = ckpt.config
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    model = LlamaModel(mc, ckpt.weights, dtype, device, max_len)
+    del ckpt
+    dtype_name = str(dtype).removeprefix("torch.")
+    layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype_name, mc.model_id)
+    num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // layout.block_nbytes)
+    if cfg.shareable_kv:
+        from kv_manager.transfer.pool import allocate_pool
+
+        memory = allocate_pool(layout, num_blocks, str(device), shareable=True)
+    else:
+        memory = LocalPool(torch.zeros(layout.pool_shape(num_blocks), dtype=dtype, device=device), layout, num_blocks)
+    info = EngineInfo(
+        model_id=mc.model_id,
+        block_size=cfg.block_size,
+        num_blocks=num_blocks,
+        max_model_len=max_len,
+        vocab_size=mc.vocab_size,
+        eos_token_ids=tuple(mc.eos_token_ids),
+        kv_layout=layout,
+        device=str(device),
+    )
+    parts = EngineParts(info, model, memory, BlockPool(num_blocks, cfg.block_size, cfg.enable_prefix_caching))
+    parts._closers.append(memory.close)
+    try:
+        _attach_transfer(parts, cfg)
+    except Exception:
+        parts.close()
+        raise
+    log.info(
+        "worker=%s: %s on %s (%s), %d KV blocks of %d tokens (%.0f MiB), ready in %.1f s",
+        cfg.worker_id, mc.model_id, device, dtype_name, num_blocks, cfg.block_size,
+        num_blocks * layout.block_nbytes / 2**20, time.perf_counter() - t0,
+    )
+    return parts
+
+
+def _attach_transfer(parts: EngineParts, cfg: TorchEngineConfig) -> None:
+    """Every engine can import KV; a shareable pool can also export it under leases."""
+    try:
+        from kv_manager.transfer import KVExporterImpl, KVImporterImpl
+    except ImportError:
+        log.debug("KV transfer layer not available; this worker neither imports nor exports KV")
+        return
+    layout = parts.info.kv_layout
+    parts.importer = KVImporterImpl(layout)
+    parts._closers.append(parts.importer.close)
+    if cfg.shareable_kv:
+        parts.exporter = KVExporterImpl(parts.memory, layout, cfg.worker_id, cfg.lease_ttl_s)
+        parts._closers.append(parts.exporter.close)

@@ -1,0 +1,190 @@
+"""`KvRouter`: the routing decision the `router` model makes for every request.
+
+One decision, in three timed phases:
+
+1. hashing: the prompt's full blocks -> chained block hashes (`kv_manager.hashing`), unless
+   the caller passes hashes it already has;
+2. lookup: `KvIndex.find_matches` -> how many leading blocks each live worker holds;
+3. schedule: the policy (`router_ensemble.policies`) picks a worker from those overlaps and
+   each worker's load (`LoadTable`: last load report + the router's pending assignments); the
+   choice is recorded as a pending assignment (and, in approximate mode, as assumed cached).
+
+Workers enter with `add_worker` (the orchestration, or the subscriber when a worker first
+reports) and leave with `remove_worker` (the subscriber on "leave" or silence, the
+orchestration on unload): their index entries and load go with them, so later requests go
+elsewhere. `decide` never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kv_manager.events import KVEvent
+from kv_manager.hashing import hash_blocks
+from kv_manager.wire import LoadReport
+from router_ensemble.index import KvIndex
+from router_ensemble.load import LoadTable
+from router_ensemble.metrics import RouterMetrics
+from router_ensemble.policies import Candidate, make_policy
+from router_ensemble.routing_config import RouterConfig
+from trident.errors import ValidationError, WorkerUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes and what the router expects it to find cached there."""
+
+    worker_id: str
+    overlap_blocks: int
+    cached_tokens: int  # overlap_blocks * block_size, at most prompt_tokens
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]
+    overlaps: Mapping[str, int] = field(default_factory=dict)  # every candidate's overlap
+    hashing_us: float = 0.0
+    lookup_us: float = 0.0
+    schedule_us: float = 0.0
+
+    @property
+    def prompt_blocks(self) -> int:
+        return len(self.block_hashes)
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def total_us(self) -> float:
+        return self.hashing_us + self.lookup_us + self.schedule_us
+
+
+class KvRouter:
+    """KV-aware worker selection for one pool of workers (e.g. the decode pool).
+
+    Who calls it: the `router` model's request threads call `decide` (thread-safe, never
+    blocks on I/O); the subscriber thread calls `apply_events`, `clear_worker`, `update_load`,
+    `add_worker` and `remove_worker`; the orchestration may call `add_worker` /
+    `remove_worker` too. The router owns no blocks: it only keeps the workers' block hashes.
+    """
+
+    def __init__(self, config: RouterConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = (config or RouterConfig()).validate()
+        cfg = self.config
+        self.block_size = cfg.block_size
+        self.approximate = not cfg.kv_events
+        self.index = KvIndex(approximate=self.approximate, ttl_s=cfg.approx_ttl_s, clock=clock)
+        self.loads = LoadTable(
+            block_size=cfg.block_size, grace_s=cfg.pending_grace_s, max_age_s=cfg.pending_max_age_s, clock=clock
+        )
+        self.metrics = RouterMetrics()
+        self.policy = make_policy(
+            cfg.policy, overlap_weight=cfg.overlap_weight, temperature=cfg.temperature, seed=cfg.rng_seed
+        )
+        self._lock = threading.Lock()
+        self._workers: dict[str, None] = {}  # insertion-ordered set
+        self._sched_lock = threading.Lock()
+
+    # ------------------------------------------------------------ membership and feeds
+
+    def add_worker(self, worker_id: str) -> None:
+        with self._lock:
+            new = worker_id not in self._workers
+            self._workers[worker_id] = None
+        if new:
+            logger.info("router: worker=%s added", worker_id)
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._lock:
+            known = worker_id in self._workers
+            self._workers.pop(worker_id, None)
+        blocks = self.index.remove_worker(worker_id)
+        self.loads.remove(worker_id)
+        if known:
+            logger.info("router: worker=%s removed (%d blocks dropped from the index)", worker_id, blocks)
+
+    def workers(self) -> list[str]:
+        with self._lock:
+            return list(self._workers)
+
+    def apply_events(self, worker_id: str, events: Iterable[KVEvent]) -> None:
+        self.index.apply_events(worker_id, events)
+
+    def clear_worker(self, worker_id: str) -> None:
+        self.index.clear_worker(worker_id)
+
+    def update_load(self, worker_id: str, report: LoadReport) -> None:
+        self.loads.update(worker_id, report)
+
+    def record_served(self, worker_id: str, prompt_tokens: int, cached_tokens: int) -> None:
+        self.metrics.record_served(worker_id, prompt_tokens, cached_tokens)
+
+    # ------------------------------------------------------------ the decision
+
+    def decide(
+        self,
+        token_ids: Sequence[int] | None = None,
+        candidates: Iterable[str] | None = None,
+        *,
+        block_hashes: Sequence[int] | None = None,
+    ) -> Decision:
+        """Pick a worker for a prompt given as token ids or as its chained block hashes.
+
+        `candidates` limits the choice (e.g. the workers the orchestration considers ready);
+        workers the router does not know (never added, or removed) are skipped. Raises
+        `WorkerUnavailable` when none is left, `ValidationError("input_ids")` for bad tokens.
+        """
+        t0 = time.perf_counter()
+        if block_hashes is None:
+            if token_ids is None:
+                raise ValidationError("input_ids", "give token ids or block hashes")
+            try:
+                hashes = tuple(hash_blocks(token_ids, self.block_size))
+            except (TypeError, OverflowError):
+                raise ValidationError("input_ids", "must be a sequence of non-negative 32-bit integers") from None
+            prompt_tokens = len(token_ids)
+        else:
+            hashes = tuple(block_hashes)
+            prompt_tokens = len(token_ids) if token_ids is not None else len(hashes) * self.block_size
+        t1 = time.perf_counter()
+
+        with self._lock:
+            if candidates is None:
+                pool = list(self._workers)
+            else:
+                pool = [w for w in candidates if w in self._workers]
+        if not pool:
+            raise WorkerUnavailable(
+                "no live worker to route to" + ("" if candidates is None else f" among {sorted(set(candidates))}")
+            )
+        overlaps = self.index.find_matches(hashes, pool)
+        t2 = time.perf_counter()
+
+        request_blocks = -(-prompt_tokens // self.block_size)
+        with self._sched_lock:
+            options = [Candidate(w, overlaps.get(w, 0), self.loads.view(w)) for w in pool]
+            chosen = self.policy.select(options, request_blocks)
+            self.loads.assign(chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks)
+        if self.approximate:
+            self.index.assume_cached(chosen.worker_id, hashes)
+        t3 = time.perf_counter()
+
+        decision = Decision(
+            worker_id=chosen.worker_id,
+            overlap_blocks=chosen.overlap_blocks,
+            cached_tokens=min(chosen.overlap_blocks * self.block_size, prompt_tokens),
+            prompt_tokens=prompt_tokens,
+            block_hashes=hashes,
+            overlaps={c.worker_id: c.overlap_blocks for c in options},
+            hashing_us=(t1 - t0) * 1e6,
+            lookup_us=(t2 - t1) * 1e6,
+            schedule_us=(t3 - t2) * 1e6,
+        )
+        self.metrics.record_decision(
+            chosen.worker_id, len(hashes), chosen.overlap_blocks, decision.hashing_us, decision.lookup_us, decision.schedule_us
+        )
+        return decision

@@ -1,0 +1,88 @@
+"""Configuration of KV-aware routing: one dataclass, one path.
+
+Keys are the same in the router model's config.pbtxt parameters and in environment variables
+(`TRIDENT_ROUTER_` + upper-case key, which win). "" and unexpanded "${...}" count as unset.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from router_ensemble.policies import POLICIES
+from trident.errors import ConfigError
+
+ENV_PREFIX = "TRIDENT_ROUTER_"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    policy: str = "kv"  # kv | round_robin | random | least_loaded
+    overlap_weight: float = 1.0  # Dynamo's kv-overlap-score-weight
+    temperature: float = 0.0  # 0: argmin of the cost; > 0: softmax sampling
+    seed: int = -1  # RNG seed for sampling and ties; -1: unseeded
+    block_size: int = 16  # must equal the workers' engine block size
+    kv_events: bool = True  # False: approximate mode (assume the chosen worker cached the prompt)
+    approx_ttl_s: float = 120.0  # approximate mode: how long an assumed block stays
+    worker_timeout_s: float = 3.0  # drop a worker that sent no load report for this long
+    resync_timeout_s: float = 2.0  # give up waiting for a snapshot/replay after this long
+    pending_grace_s: float = 0.1  # a load report this much newer than an assignment covers it
+    pending_max_age_s: float = 5.0  # forget pending assignments after this long regardless
+
+    def validate(self) -> RouterConfig:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: unknown routing policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.seed < -1:
+            raise ConfigError(f"seed must be >= 0 (or -1 for none), got {self.seed}")
+        for name in ("overlap_weight", "temperature", "pending_grace_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        for name in ("approx_ttl_s", "worker_timeout_s", "resync_timeout_s", "pending_max_age_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        return self
+
+    @property
+    def rng_seed(self) -> int | None:
+        return None if self.seed < 0 else self.seed
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterConfig:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if _unset(raw):
+                raw = params.get(f.name)
+            if _unset(raw):
+                continue
+            values[f.name] = _coerce(f.name, str(f.type), str(raw))
+        return replace(cls(), **values).validate()
+
+
+def _unset(raw: object) -> bool:
+    return raw is None or (isinstance(raw, str) and (raw.strip() == "" or raw.startswith("${")))
+
+
+def _coerce(name: str, kind: str, raw: str) -> object:
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw.strip()
+    except ValueError:
+        raise ConfigError(f"{name}: cannot parse {raw!r} as {kind}") from None

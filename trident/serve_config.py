@@ -1,0 +1,154 @@
+"""Configuration of `trident serve`: one dataclass, flags and environment variables.
+
+Every field is a `--kebab-case` flag and a `TRIDENT_UPPER_CASE` environment variable;
+a flag beats the environment, which beats the default. The engine settings (`model`,
+`dtype`, `kv_cache_mb`, `num_threads`, `device`) use the same names as
+`plugins.torch_engine.config.TorchEngineConfig`: the launcher exports them to tritonserver's
+environment, where every worker's engine config picks them up. Empty / 0 means "leave the
+value in the model's config.pbtxt".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, replace
+
+from trident.errors import ConfigError
+
+ENV_PREFIX = "TRIDENT_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
+
+# field name -> help text; the order is the order of `trident serve --help`.
+_HELP = {
+    "model": "GGUF file or Hugging Face directory ('' = default SmolLM2-135M-Instruct)",
+    "host": "address the HTTP, gRPC and metrics endpoints bind to",
+    "http_port": "HTTP port (0 = pick a free port)",
+    "grpc_port": "gRPC port (0 = pick a free port)",
+    "metrics_port": "Prometheus /metrics port (0 = pick a free port)",
+    "decode": "number of decode workers (decode, decode_1, ...)",
+    "dtype": "engine dtype: auto, bfloat16, float32, float16 ('' = model config)",
+    "device": "engine device: cpu or cuda ('' = model config); cuda pins decode_i to GPU i",
+    "kv_cache_mb": "KV pool size per worker in MiB (0 = model config)",
+    "num_threads": "torch threads per worker (0 = model config)",
+    "log_level": "log level: debug, info, warning, error",
+    "tritonserver": "path of the tritonserver binary ('' = search PATH, then the nvidia-pytriton wheel)",
+    "model_repository": "model repository ('' = this checkout's model_repository/)",
+    "startup_timeout_s": "seconds to wait for the server and all models to become ready",
+    "server_log": "file for tritonserver's own log ('' = a file in the run directory, '-' = this terminal)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """What `trident serve` starts. Built by `from_args` (CLI) or directly (tests)."""
+
+    model: str = ""
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    decode: int = 1
+    dtype: str = ""
+    device: str = ""
+    kv_cache_mb: int = 0
+    num_threads: int = 0
+    log_level: str = "info"
+    tritonserver: str = ""
+    model_repository: str = ""
+    startup_timeout_s: float = 600.0
+    server_log: str = ""
+
+    def validate(self) -> ServeConfig:
+        """Return self, or raise `ConfigError` naming the first bad field."""
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {port}")
+        if self.decode < 1:
+            raise ConfigError(f"decode must be >= 1, got {self.decode}")
+        if self.dtype not in ENGINE_DTYPES:
+            raise ConfigError(f"dtype must be one of {ENGINE_DTYPES[1:]}, got {self.dtype!r}")
+        if self.device and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.kv_cache_mb < 0:
+            raise ConfigError(f"kv_cache_mb must be >= 0, got {self.kv_cache_mb}")
+        if self.num_threads < 0:
+            raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.startup_timeout_s <= 0:
+            raise ConfigError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        return self
+
+    def engine_env(self) -> dict[str, str]:
+        """`TRIDENT_*` variables for tritonserver's environment (engine and router settings)."""
+        env = {"TRIDENT_LOG_LEVEL": self.log_level}
+        if self.model:
+            env["TRIDENT_MODEL"] = os.path.abspath(os.path.expanduser(self.model))
+        if self.dtype:
+            env["TRIDENT_DTYPE"] = self.dtype
+        if self.device:
+            env["TRIDENT_DEVICE"] = "cpu" if self.device == "cpu" else "cuda"
+        if self.kv_cache_mb:
+            env["TRIDENT_KV_CACHE_MB"] = str(self.kv_cache_mb)
+        if self.num_threads:
+            env["TRIDENT_NUM_THREADS"] = str(self.num_threads)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeConfig:
+        """Defaults overridden by `TRIDENT_*` variables (no flags)."""
+        return cls.from_args([], env)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServeConfig:
+        """Parse `trident serve` flags; unset flags fall back to `TRIDENT_*`, then defaults."""
+        env = os.environ if env is None else env
+        args = build_parser(argparse.ArgumentParser(prog="trident serve")).parse_args(list(argv))
+        return cls.from_namespace(args, env)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfig:
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = getattr(args, f.name, None)
+            if raw is None:
+                raw = env.get(ENV_PREFIX + f.name.upper())
+                if raw is None or raw.strip() == "":
+                    continue
+            values[f.name] = _coerce(f.name, f.type, raw)
+        return replace(cls(), **values).validate()
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one flag per `ServeConfig` field (default None: the environment decides)."""
+    for f in fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        env_name = ENV_PREFIX + f.name.upper()
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            metavar=str(f.type).upper() if str(f.type) != "str" else "STR",
+            help=f"{_HELP[f.name]} [env {env_name}, default {default!r}]",
+        )
+    return parser
+
+
+def _coerce(name: str, type_name: object, raw: object) -> object:
+    kind = str(type_name)
+    text = str(raw).strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot parse {text!r} as {kind}") from None
+    return text
