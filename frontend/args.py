@@ -58,7 +58,9 @@ class FrontendConfig:
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key: must not be empty when given")
         if self.default_max_tokens is not None and self.default_max_tokens <= 0:
-            raise ConfigError(f"default_max_tokens: must be positive, got {self.default_max_tokens}")
+            raise ConfigError(
+                f"default_max_tokens: must be positive, got {self.default_max_tokens}"
+            )
         if self.max_n < 1:
             raise ConfigError(f"max_n: must be >= 1, got {self.max_n}")
         if self.request_timeout_s <= 0 or self.health_timeout_s <= 0:
@@ -92,11 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(FrontendConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, help=f"{_HELP[f.name]} [{ENV_PREFIX}{f.name.upper()}]")
+        parser.add_argument(
+            flag, dest=f.name, default=None, help=f"{_HELP[f.name]} [{ENV_PREFIX}{f.name.upper()}]"
+        )
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> FrontendConfig:
+def parse_args(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> FrontendConfig:
     """Build a validated config from flags (`argv`), then env vars, then defaults."""
     env = os.environ if env is None else env
     namespace = build_parser().parse_args(argv)

@@ -14,10 +14,49 @@ from collections.abc import Sequence
 
 LabelValues = tuple[str, ...]
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-               0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 
 
@@ -35,7 +74,7 @@ class _Metric:
         return tuple(str(v) for v in values)
 
     def _fmt(self, values: LabelValues, extra: tuple[tuple[str, str], ...] = ()) -> str:
-        pairs = list(zip(self.labels, values)) + list(extra)
+        pairs = list(zip(self.labels, values, strict=True)) + list(extra)
         if not pairs:
             return ""
         return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
@@ -60,7 +99,9 @@ class Counter(_Metric):
 
     def render(self) -> list[str]:
         lines = self.header()
-        lines += [f"{self.name}_total{self._fmt(k)} {_num(v)}" for k, v in sorted(self._values.items())]
+        lines += [
+            f"{self.name}_total{self._fmt(k)} {_num(v)}" for k, v in sorted(self._values.items())
+        ]
         return lines
 
 
@@ -79,13 +120,17 @@ class Gauge(_Metric):
         return self._values.get(self._key(labels), 0.0)
 
     def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{self._fmt(k)} {_num(v)}" for k, v in sorted(self._values.items())]
+        return self.header() + [
+            f"{self.name}{self._fmt(k)} {_num(v)}" for k, v in sorted(self._values.items())
+        ]
 
 
 class Histogram(_Metric):
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float], labels: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, help_text: str, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> None:
         super().__init__(name, help_text, labels)
         self.buckets = tuple(sorted(buckets))
         self._counts: dict[LabelValues, list[int]] = {}
@@ -105,7 +150,7 @@ class Histogram(_Metric):
         lines = self.header()
         for key in sorted(self._counts):
             cumulative = 0
-            for bound, n in zip(self.buckets + (math.inf,), self._counts[key]):
+            for bound, n in zip(self.buckets + (math.inf,), self._counts[key], strict=True):
                 cumulative += n
                 le = "+Inf" if math.isinf(bound) else _num(bound)
                 lines.append(f"{self.name}_bucket{self._fmt(key, (('le', le),))} {cumulative}")
@@ -119,22 +164,53 @@ class FrontendMetrics:
 
     def __init__(self, prefix: str = "trident_frontend") -> None:
         p = prefix
-        self.requests = Counter(f"{p}_requests", "HTTP requests by endpoint and status code", ("endpoint", "status"))
-        self.inflight = Gauge(f"{p}_inflight_requests", "Generation requests being served", ("endpoint",))
-        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS, ("model",))
-        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "Time between output tokens", ITL_BUCKETS, ("model",))
-        self.e2e = Histogram(f"{p}_request_duration_seconds", "End-to-end generation latency", E2E_BUCKETS, ("model",))
+        self.requests = Counter(
+            f"{p}_requests", "HTTP requests by endpoint and status code", ("endpoint", "status")
+        )
+        self.inflight = Gauge(
+            f"{p}_inflight_requests", "Generation requests being served", ("endpoint",)
+        )
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS, ("model",)
+        )
+        self.itl = Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Time between output tokens",
+            ITL_BUCKETS,
+            ("model",),
+        )
+        self.e2e = Histogram(
+            f"{p}_request_duration_seconds",
+            "End-to-end generation latency",
+            E2E_BUCKETS,
+            ("model",),
+        )
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens processed", ("model",))
-        self.cached_tokens = Counter(f"{p}_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ("model",))
+        self.cached_tokens = Counter(
+            f"{p}_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ("model",)
+        )
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Tokens generated", ("model",))
-        self.disconnects = Counter(f"{p}_client_disconnects", "Requests cancelled because the client went away", ("endpoint",))
+        self.disconnects = Counter(
+            f"{p}_client_disconnects",
+            "Requests cancelled because the client went away",
+            ("endpoint",),
+        )
         for endpoint in ("chat_completions", "completions"):
             self.inflight.add(0, endpoint)
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.inflight, self.ttft, self.itl, self.e2e,
-                       self.prompt_tokens, self.cached_tokens, self.completion_tokens, self.disconnects):
+        for metric in (
+            self.requests,
+            self.inflight,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.completion_tokens,
+            self.disconnects,
+        ):
             lines += metric.render()
         return "\n".join(lines) + "\n"
 

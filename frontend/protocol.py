@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 
 from frontend.errors import APIError, invalid_request
@@ -124,7 +124,9 @@ def parse_body(raw: bytes, kind: type[_GenerationFields]) -> Any:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise invalid_request(
+            f"Request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise invalid_request("Request body must be a JSON object", code="invalid_json")
     try:
@@ -170,12 +172,16 @@ def validate_common(req: _GenerationFields, max_n: int) -> None:
     if req.n > max_n:
         raise invalid_request(f"n: must be <= {max_n}, got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
-        raise invalid_request("stream_options: only allowed when stream is true", param="stream_options")
+        raise invalid_request(
+            "stream_options: only allowed when stream is true", param="stream_options"
+        )
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise invalid_request(f"{name}: not supported (only 0)", param=name)
     if req.repetition_penalty not in (None, 1, 1.0):
-        raise invalid_request("repetition_penalty: not supported (only 1)", param="repetition_penalty")
+        raise invalid_request(
+            "repetition_penalty: not supported (only 1)", param="repetition_penalty"
+        )
     if req.logit_bias:
         raise invalid_request("logit_bias: not supported", param="logit_bias")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -196,7 +202,9 @@ def validate_chat(req: ChatCompletionRequest, max_n: int) -> list[dict[str, str]
         raise invalid_request("tool_choice: tool calling is not supported", param="tool_choice")
     fmt = (req.response_format or {}).get("type", "text")
     if fmt != "text":
-        raise invalid_request(f"response_format: only type 'text' is supported, got {fmt!r}", param="response_format")
+        raise invalid_request(
+            f"response_format: only type 'text' is supported, got {fmt!r}", param="response_format"
+        )
     if not req.messages:
         raise invalid_request("messages: must contain at least one message", param="messages")
     return [_flatten_message(i, m) for i, m in enumerate(req.messages)]
@@ -213,7 +221,9 @@ def _flatten_message(index: int, message: ChatMessage) -> dict[str, str]:
     content = message.content
     if content is None:
         if role != "assistant":
-            raise invalid_request(f"{where}.content: is required for role {role!r}", param=f"{where}.content")
+            raise invalid_request(
+                f"{where}.content: is required for role {role!r}", param=f"{where}.content"
+            )
         return {"role": role, "content": ""}
     if isinstance(content, str):
         return {"role": role, "content": content}

@@ -129,7 +129,9 @@ class Generation:
         choice.text.append(delta.text)
         choice.prompt_tokens = delta.num_input_tokens or choice.prompt_tokens
         choice.cached_tokens = delta.cached_tokens or choice.cached_tokens
-        choice.completion_tokens = max(delta.num_output_tokens, choice.completion_tokens + len(delta.token_ids))
+        choice.completion_tokens = max(
+            delta.num_output_tokens, choice.completion_tokens + len(delta.token_ids)
+        )
         if delta.finish_reason:
             choice.finish_reason = check_finish_reason(delta.finish_reason)
 
@@ -153,7 +155,9 @@ class Generation:
         self.metrics.e2e.observe(time.monotonic() - self.started_at, self.model)
         usage = self.usage()
         self.metrics.prompt_tokens.inc(self.model, amount=usage["prompt_tokens"])
-        self.metrics.cached_tokens.inc(self.model, amount=usage["prompt_tokens_details"]["cached_tokens"])
+        self.metrics.cached_tokens.inc(
+            self.model, amount=usage["prompt_tokens_details"]["cached_tokens"]
+        )
         self.metrics.completion_tokens.inc(self.model, amount=usage["completion_tokens"])
 
 
@@ -162,14 +166,20 @@ def check_finish_reason(reason: str) -> str:
     if reason in ("stop", "length"):
         return reason
     if reason == "abort":
-        raise service_unavailable("the request was aborted by the server (worker stopped or drained)")
-    raise APIError(500, f"the engine failed the request (finish_reason={reason!r})", type="server_error")
+        raise service_unavailable(
+            "the request was aborted by the server (worker stopped or drained)"
+        )
+    raise APIError(
+        500, f"the engine failed the request (finish_reason={reason!r})", type="server_error"
+    )
 
 
 class ResponseShape:
     """Builds the JSON of one endpoint's responses and chunks (chat or text completion)."""
 
-    def __init__(self, chat: bool, response_id: str, model: str, created: int, echo: list[str] | None = None):
+    def __init__(
+        self, chat: bool, response_id: str, model: str, created: int, echo: list[str] | None = None
+    ):
         self.chat = chat
         self.id = response_id
         self.model = model
@@ -187,22 +197,48 @@ class ResponseShape:
                 text = self.echo[c.prompt_index] + text
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
-                choices.append({"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append(
+                    {
+                        "index": c.index,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             else:
-                choices.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append(
+                    {
+                        "index": c.index,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
         body = self._envelope("chat.completion" if self.chat else "text_completion")
         body.update(choices=choices, usage=generation.usage(), system_fingerprint=None)
         return body
 
-    def chunk(self, index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, index: int, text: str | None, finish_reason: str | None, role: bool = False
+    ) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         body["choices"] = [choice]
         return body
 
@@ -230,7 +266,9 @@ async def stream_events(
         async with aclosing(deltas):
             index, delta = first
             while True:
-                for event in _events_of(generation, shape, index, delta, include_usage, continuous_usage):
+                for event in _events_of(
+                    generation, shape, index, delta, include_usage, continuous_usage
+                ):
                     yield event
                 try:
                     index, delta = await deltas.__anext__()
@@ -261,7 +299,9 @@ def _events_of(
         if shape.echo is not None:
             text = shape.echo[choice.prompt_index] + text
         if shape.chat:
-            events.append(sse(_with_usage(shape.chunk(index, None, None, role=True), None, include_usage)))
+            events.append(
+                sse(_with_usage(shape.chunk(index, None, None, role=True), None, include_usage))
+            )
     if text or delta.finish_reason:
         usage = generation.usage() if continuous_usage else None
         chunk = shape.chunk(index, text, choice.finish_reason)
@@ -269,7 +309,9 @@ def _events_of(
     return events
 
 
-def _with_usage(chunk: dict[str, Any], usage: dict[str, Any] | None, include_usage: bool) -> dict[str, Any]:
+def _with_usage(
+    chunk: dict[str, Any], usage: dict[str, Any] | None, include_usage: bool
+) -> dict[str, Any]:
     if include_usage:
         chunk["usage"] = usage
     return chunk

@@ -164,7 +164,9 @@ class RouterClient:
                 yield delta
                 if finished:
                     return
-            raise APIError(502, "the router closed the stream before the final response", type="server_error")
+            raise APIError(
+                502, "the router closed the stream before the final response", type="server_error"
+            )
         finally:
             if not finished:
                 logger.info("cancelling router stream request_id=%s", req.request_id)
@@ -243,7 +245,9 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError) -> APIError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return service_unavailable(f"Triton is unreachable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return APIError(504, f"the request timed out: {details}", type="timeout_error", code="timeout")
+        return APIError(
+            504, f"the request timed out: {details}", type="timeout_error", code="timeout"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return APIError(429, details, type="rate_limit_error", code="resource_exhausted")
     return from_triton_message(details)
@@ -270,5 +274,7 @@ def _parse(result: Any, decoder: codecs.IncrementalDecoder) -> RouterDelta:
         num_input_tokens=int(scalar("num_input_tokens", 0)),
         num_output_tokens=int(scalar("num_output_tokens", 0)),
         cached_tokens=int(scalar("cached_tokens", 0)),
-        worker=worker.decode("utf-8", errors="replace") if isinstance(worker, bytes) else str(worker),
+        worker=worker.decode("utf-8", errors="replace")
+        if isinstance(worker, bytes)
+        else str(worker),
     )

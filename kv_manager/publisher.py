@@ -86,16 +86,25 @@ class KVEventPublisher:
             self.resync_endpoint = ""
             if resync_endpoint:
                 self._router = self._ctx.socket(zmq.ROUTER)
-                self.resync_endpoint = _bind(self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint")
+                self.resync_endpoint = _bind(
+                    self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint"
+                )
         except BaseException:
             self._close_sockets()
             raise
         if self._router is not None:
-            self._thread = threading.Thread(target=self._serve, name=f"kv-resync-{worker_id}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, name=f"kv-resync-{worker_id}", daemon=True
+            )
             self._thread.start()
         with self._lock:
             self._pub.send_multipart(self._control_frames(wire.ANNOUNCE))
-        logger.info("kv publisher worker=%s events=%s resync=%s", worker_id, self.endpoint, self.resync_endpoint or "-")
+        logger.info(
+            "kv publisher worker=%s events=%s resync=%s",
+            worker_id,
+            self.endpoint,
+            self.resync_endpoint or "-",
+        )
 
     # ------------------------------------------------------------ public API
 
@@ -112,7 +121,9 @@ class KVEventPublisher:
         payload = wire.encode_batch(events, data_parallel_rank=self._dp_rank)
         with self._lock:
             if self._closed:
-                logger.debug("kv publisher worker=%s closed: dropped %d events", self.worker_id, len(events))
+                logger.debug(
+                    "kv publisher worker=%s closed: dropped %d events", self.worker_id, len(events)
+                )
                 return None
             seq = self._next_seq
             self._next_seq += 1
@@ -140,7 +151,9 @@ class KVEventPublisher:
                 resync_endpoint=self.resync_endpoint,
                 next_seq=self._next_seq,
             )
-            self._pub.send_multipart(wire.pack_frames(wire.TOPIC_LOAD, self._next_seq, wire.encode_load(report)))
+            self._pub.send_multipart(
+                wire.pack_frames(wire.TOPIC_LOAD, self._next_seq, wire.encode_load(report))
+            )
 
     def close(self) -> None:
         """Send "leave", stop the resync thread, close the sockets. Safe to call twice."""
@@ -151,7 +164,9 @@ class KVEventPublisher:
             try:
                 self._pub.send_multipart(self._control_frames(wire.LEAVE))
             except zmq.ZMQError as exc:
-                logger.warning("kv publisher worker=%s: could not send leave: %s", self.worker_id, exc)
+                logger.warning(
+                    "kv publisher worker=%s: could not send leave: %s", self.worker_id, exc
+                )
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -177,10 +192,14 @@ class KVEventPublisher:
                 run.append(block_hash)
                 continue
             if run:
-                events.append(BlockStored(tuple(run), run_key[1], (), self.block_size, None, run_key[0]))
+                events.append(
+                    BlockStored(tuple(run), run_key[1], (), self.block_size, None, run_key[0])
+                )
             run, run_key = [block_hash], (medium, parent)
         if run:
-            events.append(BlockStored(tuple(run), run_key[1], (), self.block_size, None, run_key[0]))
+            events.append(
+                BlockStored(tuple(run), run_key[1], (), self.block_size, None, run_key[0])
+            )
         return next_seq, events
 
     # ------------------------------------------------------------ internals
@@ -225,19 +244,30 @@ class KVEventPublisher:
             except zmq.ZMQError as exc:
                 if self._stop.is_set():
                     return
-                logger.warning("kv publisher worker=%s resync socket error: %s", self.worker_id, exc)
+                logger.warning(
+                    "kv publisher worker=%s resync socket error: %s", self.worker_id, exc
+                )
                 time.sleep(0.05)
 
     def _answer(self, router: zmq.Socket, frames: list[bytes]) -> None:
         if len(frames) != 3 or frames[1] != b"":
-            logger.warning("kv publisher worker=%s: malformed resync request (%d frames)", self.worker_id, len(frames))
+            logger.warning(
+                "kv publisher worker=%s: malformed resync request (%d frames)",
+                self.worker_id,
+                len(frames),
+            )
             return
         ident, request = frames[0], frames[2]
         if request == wire.SNAPSHOT:
             next_seq, events = self.snapshot()
             payload = wire.encode_batch(events, data_parallel_rank=self._dp_rank)
             router.send_multipart([ident, b"", wire.SNAPSHOT, next_seq.to_bytes(8, "big"), payload])
-            logger.info("kv publisher worker=%s: sent snapshot (%d events, next_seq=%d)", self.worker_id, len(events), next_seq)
+            logger.info(
+                "kv publisher worker=%s: sent snapshot (%d events, next_seq=%d)",
+                self.worker_id,
+                len(events),
+                next_seq,
+            )
             return
         if len(request) == 8:
             start = int.from_bytes(request, "big")
@@ -245,9 +275,16 @@ class KVEventPublisher:
                 batches = [(seq, payload) for seq, payload in self._buffer if seq >= start]
             for seq, payload in batches:
                 router.send_multipart([ident, b"", seq.to_bytes(8, "big"), payload])
-            logger.info("kv publisher worker=%s: replayed %d batches from seq %d", self.worker_id, len(batches), start)
+            logger.info(
+                "kv publisher worker=%s: replayed %d batches from seq %d",
+                self.worker_id,
+                len(batches),
+                start,
+            )
         else:
-            logger.warning("kv publisher worker=%s: unknown resync request %r", self.worker_id, request[:32])
+            logger.warning(
+                "kv publisher worker=%s: unknown resync request %r", self.worker_id, request[:32]
+            )
         router.send_multipart([ident, b"", wire.END_SEQ, b""])
 
     def _close_sockets(self) -> None:

@@ -19,7 +19,7 @@ big-endian unsigned integer and `payload` is msgpack.
   event stream.
 - Resync requests go to the worker's ROUTER socket: vLLM's replay request (one frame: the
   8-byte start seq; replies `[seq, payload]` ..., then `[END_SEQ, b""]`) or Trident's snapshot
-  request (`b"snapshot"`; one reply `[b"snapshot", next_seq, payload]` whose payload is an
+  request (`b"trident.snapshot"`; one reply `[b"trident.snapshot", next_seq, payload]` whose payload is an
   event batch that rebuilds the worker's whole cache: AllBlocksCleared, then BlockStored runs).
 
 Pure functions and frozen dataclasses: the publisher (worker side) and the subscriber
@@ -42,7 +42,7 @@ TOPIC_LOAD = b"trident.load"
 TOPIC_CONTROL = b"trident.control"
 DEFAULT_EVENTS_TOPIC = b"kv-events"
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
-SNAPSHOT = b"snapshot"
+SNAPSHOT = b"trident.snapshot"
 ANNOUNCE = "announce"
 LEAVE = "leave"
 U64_MASK = (1 << 64) - 1
@@ -98,7 +98,9 @@ def pack_frames(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
 def unpack_frames(frames: Sequence[bytes]) -> tuple[bytes, int, bytes]:
     """`[topic, seq, payload]` -> (topic, seq, payload); ValidationError on anything else."""
     if len(frames) != 3:
-        raise ValidationError("frames", f"expected 3 frames [topic, seq, payload], got {len(frames)}")
+        raise ValidationError(
+            "frames", f"expected 3 frames [topic, seq, payload], got {len(frames)}"
+        )
     topic, seq_bytes, payload = (bytes(f) for f in frames)
     if len(seq_bytes) != 8:
         raise ValidationError("seq", f"expected 8 bytes, got {len(seq_bytes)}")
@@ -126,10 +128,14 @@ def encode_event(event: KVEvent) -> list[Any]:
     raise ValidationError("event", f"not a KV event: {type(event).__name__}")
 
 
-def encode_batch(events: Iterable[KVEvent], ts: float | None = None, data_parallel_rank: int = 0) -> bytes:
+def encode_batch(
+    events: Iterable[KVEvent], ts: float | None = None, data_parallel_rank: int = 0
+) -> bytes:
     """msgpack of `[ts, [events...], data_parallel_rank]` (vLLM's array_like KVEventBatch)."""
     body = [encode_event(e) for e in events]
-    return msgpack.packb([time.time() if ts is None else ts, body, data_parallel_rank], use_bin_type=True)
+    return msgpack.packb(
+        [time.time() if ts is None else ts, body, data_parallel_rank], use_bin_type=True
+    )
 
 
 def decode_batch(payload: bytes) -> EventBatch:
@@ -163,7 +169,14 @@ def decode_batch(payload: bytes) -> EventBatch:
     return EventBatch(float(ts), tuple(events), dp_rank)
 
 
-_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium")
+_STORED_FIELDS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+)
 _REMOVED_FIELDS = ("block_hashes", "medium")
 _MISSING = object()
 
@@ -176,7 +189,7 @@ def decode_event(raw: Any, where: str = "event") -> KVEvent | None:
     elif isinstance(raw, (list, tuple)) and raw:
         tag = raw[0]
         names = _STORED_FIELDS if tag == "BlockStored" else _REMOVED_FIELDS
-        fields = dict(zip(names, raw[1:]))
+        fields = dict(zip(names, raw[1:], strict=False))
     else:
         raise ValidationError(where, f"expected a tagged array or map, got {raw!r:.80}")
     if tag == "BlockStored":
@@ -186,13 +199,19 @@ def decode_event(raw: Any, where: str = "event") -> KVEvent | None:
         parent = fields["parent_block_hash"]
         block_size = fields["block_size"]
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
-            raise ValidationError(f"{where}.block_size", f"expected a positive integer, got {block_size!r}")
+            raise ValidationError(
+                f"{where}.block_size", f"expected a positive integer, got {block_size!r}"
+            )
         lora_id = fields.get("lora_id")
         if lora_id is not None and not isinstance(lora_id, int):
-            raise ValidationError(f"{where}.lora_id", f"expected an integer or nil, got {lora_id!r}")
+            raise ValidationError(
+                f"{where}.lora_id", f"expected an integer or nil, got {lora_id!r}"
+            )
         return BlockStored(
             block_hashes=_hashes(fields["block_hashes"], f"{where}.block_hashes"),
-            parent_block_hash=None if parent is None else to_u64(parent, f"{where}.parent_block_hash"),
+            parent_block_hash=None
+            if parent is None
+            else to_u64(parent, f"{where}.parent_block_hash"),
             token_ids=_tokens(fields["token_ids"], f"{where}.token_ids"),
             block_size=block_size,
             lora_id=lora_id,
@@ -256,13 +275,17 @@ def decode_load(payload: bytes) -> LoadReport:
 
 
 def encode_control(message: WorkerControl) -> bytes:
-    return msgpack.packb({f: getattr(message, f) for f in WorkerControl.__slots__}, use_bin_type=True)
+    return msgpack.packb(
+        {f: getattr(message, f) for f in WorkerControl.__slots__}, use_bin_type=True
+    )
 
 
 def decode_control(payload: bytes) -> WorkerControl:
     message = WorkerControl(**_decode_map(payload, WorkerControl, "control"))
     if message.kind not in (ANNOUNCE, LEAVE):
-        raise ValidationError("control.kind", f"expected 'announce' or 'leave', got {message.kind!r}")
+        raise ValidationError(
+            "control.kind", f"expected 'announce' or 'leave', got {message.kind!r}"
+        )
     return message
 
 
@@ -288,4 +311,3 @@ def _decode_map(payload: bytes, cls: type, what: str) -> dict[str, Any]:
             raise ValidationError(f"{what}.{name}", f"expected {ftype}, got {value!r:.80}")
         out[name] = float(value) if ftype == "float" else value
     return out
-

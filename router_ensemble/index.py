@@ -78,7 +78,9 @@ class KvIndex:
                 elif isinstance(event, AllBlocksCleared):
                     self._clear(worker_id, blocks)
                 else:
-                    logger.warning("kv index worker=%s: ignored %r", worker_id, type(event).__name__)
+                    logger.warning(
+                        "kv index worker=%s: ignored %r", worker_id, type(event).__name__
+                    )
 
     def assume_cached(self, worker_id: str, block_hashes: Sequence[int]) -> None:
         """Approximate mode: record that `worker_id` now holds these blocks, for `ttl_s`."""

@@ -37,7 +37,13 @@ class RouterMetrics:
         self._timings: dict[str, deque[float]] = {p: deque(maxlen=window) for p in PHASES}
 
     def record_decision(
-        self, worker_id: str, prompt_blocks: int, overlap_blocks: int, hashing_us: float, lookup_us: float, schedule_us: float
+        self,
+        worker_id: str,
+        prompt_blocks: int,
+        overlap_blocks: int,
+        hashing_us: float,
+        lookup_us: float,
+        schedule_us: float,
     ) -> None:
         with self._lock:
             self.decisions[worker_id] += 1
@@ -82,11 +88,17 @@ class RouterMetrics:
                 "served_prompt_tokens": self.served_prompt_tokens,
                 "served_cached_tokens": self.served_cached_tokens,
             }
-        out["predicted_hit_rate"] = out["overlap_blocks"] / out["prompt_blocks"] if out["prompt_blocks"] else 0.0
+        out["predicted_hit_rate"] = (
+            out["overlap_blocks"] / out["prompt_blocks"] if out["prompt_blocks"] else 0.0
+        )
         served = out["served_prompt_tokens"]
         out["served_hit_rate"] = out["served_cached_tokens"] / served if served else 0.0
         out["decision_us"] = {
-            p: {"p50": percentile(v, 50), "p99": percentile(v, 99), "mean": sum(v) / len(v) if v else 0.0}
+            p: {
+                "p50": percentile(v, 50),
+                "p99": percentile(v, 99),
+                "mean": sum(v) / len(v) if v else 0.0,
+            }
             for p, v in timings.items()
         }
         return out

@@ -50,7 +50,9 @@ class Policy(ABC):
 class KvPolicy(Policy):
     name = "kv"
 
-    def __init__(self, overlap_weight: float = 1.0, temperature: float = 0.0, seed: int | None = None) -> None:
+    def __init__(
+        self, overlap_weight: float = 1.0, temperature: float = 0.0, seed: int | None = None
+    ) -> None:
         if not math.isfinite(overlap_weight) or overlap_weight < 0:
             raise ConfigError(f"overlap_weight must be >= 0, got {overlap_weight}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -68,7 +70,7 @@ class KvPolicy(Policy):
         costs = [self.cost(c, request_blocks) for c in candidates]
         low, high = min(costs), max(costs)
         if self.temperature <= 0 or high == low:
-            best = [c for c, cost in zip(candidates, costs) if cost == low]
+            best = [c for c, cost in zip(candidates, costs, strict=True) if cost == low]
             return best[0] if len(best) == 1 else self._rng.choice(best)
         span = high - low
         weights = [math.exp(-(cost - low) / span / self.temperature) for cost in costs]
@@ -108,7 +110,7 @@ class LeastLoaded(Policy):
     def select(self, candidates: Sequence[Candidate], request_blocks: int) -> Candidate:
         keys = [(c.load.active_blocks + c.load.prefill_blocks, c.load.waiting) for c in candidates]
         low = min(keys)
-        best = [c for c, key in zip(candidates, keys) if key == low]
+        best = [c for c, key in zip(candidates, keys, strict=True) if key == low]
         choice = best[self._next % len(best)]
         self._next += 1
         return choice
@@ -129,4 +131,6 @@ def make_policy(
         return RandomPolicy(seed)
     if name == "least_loaded":
         return LeastLoaded()
-    raise ConfigError(f"policy: unknown routing policy {name!r}; expected one of {', '.join(POLICIES)}")
+    raise ConfigError(
+        f"policy: unknown routing policy {name!r}; expected one of {', '.join(POLICIES)}"
+    )

@@ -72,18 +72,26 @@ class KvRouter:
     `remove_worker` too. The router owns no blocks: it only keeps the workers' block hashes.
     """
 
-    def __init__(self, config: RouterConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: RouterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = (config or RouterConfig()).validate()
         cfg = self.config
         self.block_size = cfg.block_size
         self.approximate = not cfg.kv_events
         self.index = KvIndex(approximate=self.approximate, ttl_s=cfg.approx_ttl_s, clock=clock)
         self.loads = LoadTable(
-            block_size=cfg.block_size, grace_s=cfg.pending_grace_s, max_age_s=cfg.pending_max_age_s, clock=clock
+            block_size=cfg.block_size,
+            grace_s=cfg.pending_grace_s,
+            max_age_s=cfg.pending_max_age_s,
+            clock=clock,
         )
         self.metrics = RouterMetrics()
         self.policy = make_policy(
-            cfg.policy, overlap_weight=cfg.overlap_weight, temperature=cfg.temperature, seed=cfg.rng_seed
+            cfg.policy,
+            overlap_weight=cfg.overlap_weight,
+            temperature=cfg.temperature,
+            seed=cfg.rng_seed,
         )
         self._lock = threading.Lock()
         self._workers: dict[str, None] = {}  # insertion-ordered set
@@ -105,7 +113,9 @@ class KvRouter:
         blocks = self.index.remove_worker(worker_id)
         self.loads.remove(worker_id)
         if known:
-            logger.info("router: worker=%s removed (%d blocks dropped from the index)", worker_id, blocks)
+            logger.info(
+                "router: worker=%s removed (%d blocks dropped from the index)", worker_id, blocks
+            )
 
     def workers(self) -> list[str]:
         with self._lock:
@@ -145,11 +155,15 @@ class KvRouter:
             try:
                 hashes = tuple(hash_blocks(token_ids, self.block_size))
             except (TypeError, OverflowError):
-                raise ValidationError("input_ids", "must be a sequence of non-negative 32-bit integers") from None
+                raise ValidationError(
+                    "input_ids", "must be a sequence of non-negative 32-bit integers"
+                ) from None
             prompt_tokens = len(token_ids)
         else:
             hashes = tuple(block_hashes)
-            prompt_tokens = len(token_ids) if token_ids is not None else len(hashes) * self.block_size
+            prompt_tokens = (
+                len(token_ids) if token_ids is not None else len(hashes) * self.block_size
+            )
         t1 = time.perf_counter()
 
         with self._lock:
@@ -159,7 +173,8 @@ class KvRouter:
                 pool = [w for w in candidates if w in self._workers]
         if not pool:
             raise WorkerUnavailable(
-                "no live worker to route to" + ("" if candidates is None else f" among {sorted(set(candidates))}")
+                "no live worker to route to"
+                + ("" if candidates is None else f" among {sorted(set(candidates))}")
             )
         overlaps = self.index.find_matches(hashes, pool)
         t2 = time.perf_counter()
@@ -168,7 +183,9 @@ class KvRouter:
         with self._sched_lock:
             options = [Candidate(w, overlaps.get(w, 0), self.loads.view(w)) for w in pool]
             chosen = self.policy.select(options, request_blocks)
-            self.loads.assign(chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks)
+            self.loads.assign(
+                chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks
+            )
         if self.approximate:
             self.index.assume_cached(chosen.worker_id, hashes)
         t3 = time.perf_counter()
@@ -185,6 +202,11 @@ class KvRouter:
             schedule_us=(t3 - t2) * 1e6,
         )
         self.metrics.record_decision(
-            chosen.worker_id, len(hashes), chosen.overlap_blocks, decision.hashing_us, decision.lookup_us, decision.schedule_us
+            chosen.worker_id,
+            len(hashes),
+            chosen.overlap_blocks,
+            decision.hashing_us,
+            decision.lookup_us,
+            decision.schedule_us,
         )
         return decision

@@ -33,7 +33,9 @@ class RouterConfig:
 
     def validate(self) -> RouterConfig:
         if self.policy not in POLICIES:
-            raise ConfigError(f"policy: unknown routing policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+            raise ConfigError(
+                f"policy: unknown routing policy {self.policy!r}; expected one of {', '.join(POLICIES)}"
+            )
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if self.seed < -1:
@@ -53,7 +55,9 @@ class RouterConfig:
         return None if self.seed < 0 else self.seed
 
     @classmethod
-    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterConfig:
+    def from_mapping(
+        cls, params: Mapping[str, str], env: Mapping[str, str] | None = None
+    ) -> RouterConfig:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for f in fields(cls):

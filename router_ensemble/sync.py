@@ -54,6 +54,15 @@ class StreamSync:
         self._replayed: list[Batch] = []
         self._last_hint = 0
 
+    def reset(self) -> None:
+        """Forget the stream (the worker left or went silent); counters are kept."""
+        self.next_seq = None
+        self.instance = None
+        self.resyncing = False
+        self._held = []
+        self._replayed = []
+        self._last_hint = 0
+
     # ------------------------------------------------------------ live stream
 
     def on_batch(self, seq: int, events: tuple[KVEvent, ...]) -> Actions:
@@ -71,7 +80,9 @@ class StreamSync:
             return actions
         if expected is not None:
             self.gaps += 1
-            logger.warning("kv sync worker=%s: gap, expected seq %d got %d", self.worker_id, expected, seq)
+            logger.warning(
+                "kv sync worker=%s: gap, expected seq %d got %d", self.worker_id, expected, seq
+            )
         self._held.append((seq, events))
         actions.resync = True
         return actions
@@ -94,7 +105,10 @@ class StreamSync:
         elif next_seq > self.next_seq:
             self.gaps += 1
             logger.warning(
-                "kv sync worker=%s: missed batches %d..%d", self.worker_id, self.next_seq, next_seq - 1
+                "kv sync worker=%s: missed batches %d..%d",
+                self.worker_id,
+                self.next_seq,
+                next_seq - 1,
             )
             actions.resync = True
         elif next_seq < self.next_seq:
@@ -137,7 +151,9 @@ class StreamSync:
     def give_up(self, reason: str) -> Actions:
         """No resync possible or none answered: apply what is held and go on."""
         actions = Actions()
-        logger.warning("kv sync worker=%s: resync abandoned (%s); index may be stale", self.worker_id, reason)
+        logger.warning(
+            "kv sync worker=%s: resync abandoned (%s); index may be stale", self.worker_id, reason
+        )
         self.resyncing = False
         self._replayed = []
         held = sorted(self._held, key=lambda b: b[0])
@@ -148,7 +164,9 @@ class StreamSync:
     # ------------------------------------------------------------ internals
 
     def _restart(self, actions: Actions, why: str) -> None:
-        logger.warning("kv sync worker=%s: restarted (%s); clearing its entries", self.worker_id, why)
+        logger.warning(
+            "kv sync worker=%s: restarted (%s); clearing its entries", self.worker_id, why
+        )
         self.restarts += 1
         actions.clear = True
         actions.apply.clear()

@@ -20,6 +20,7 @@ thread, then `stop()` (also on SIGINT/SIGTERM). The launcher:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -37,8 +38,6 @@ from pathlib import Path
 from trident.errors import ConfigError, ModelLoadError, TridentError
 from trident.model_control import ADMIN_KEY_HEADER, ModelControl, replica_load_args
 from trident.serve_config import ServeConfig
-
-import logging
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,8 @@ def prepare_install(binary: Path, cache_dir: Path | None = None) -> TritonInstal
     """
     root = binary.parent.parent
     backends = root / "backends"
-    libs = tuple(p for p in (root.parent / "nvidia_pytriton.libs", root / "lib") if p.is_dir())
+    candidates = (root.parent.parent / "nvidia_pytriton.libs", root.parent / "nvidia_pytriton.libs", root / "lib")
+    libs = tuple(p for p in candidates if p.is_dir())
     if (backends / "python" / STUB_NAME).is_file():
         return TritonInstall(binary, backends, libs)
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"

@@ -58,9 +58,13 @@ def resolve_model_path(path: str) -> str:
     if os.path.isdir(full):
         if os.path.isfile(os.path.join(full, "config.json")):
             return full
-        ggufs = sorted(name for name in os.listdir(full) if name.endswith(".gguf"))
+        ggufs = sorted(
+            n for n in os.listdir(full) if n.endswith(".gguf") and is_gguf(os.path.join(full, n))
+        )
         hint = f"; did you mean {os.path.join(full, ggufs[0])}?" if ggufs else ""
-        raise ModelLoadError(f"{full}: directory has no config.json, so it is not a Hugging Face model{hint}")
+        raise ModelLoadError(
+            f"{full}: directory has no config.json, so it is not a Hugging Face model{hint}"
+        )
     if not os.path.exists(full):
         raise ModelLoadError(f"{full}: no such file or directory")
     if not is_gguf(full):
@@ -116,7 +120,11 @@ def hf_eos_token_ids(model_dir: str) -> tuple[int, ...]:
 def gguf_eos_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
     """End-of-generation ids of a GGUF: EOS plus end-of-turn / end-of-message as llama.cpp does."""
     ids: list[int] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ):
         value = metadata.get(key)
         if isinstance(value, int) and value >= 0 and value not in ids:
             ids.append(value)
@@ -126,7 +134,19 @@ def gguf_eos_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
 # ---------------------------------------------------------------- GGUF header reader
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 

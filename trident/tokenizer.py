@@ -16,15 +16,13 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
+from trident.chat_template import compile_template, normalize_messages
 from trident.errors import ModelLoadError, ValidationError
 from trident.model_files import (
     GGUFFile,
@@ -51,7 +49,9 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 
@@ -64,7 +64,16 @@ class Tokenizer:
     takes its own `detokenizer()`.
     """
 
-    __slots__ = ("_tok", "_template", "_template_src", "_special", "_eos_ids", "_bos_id", "_model_id", "_max_len")
+    __slots__ = (
+        "_tok",
+        "_template",
+        "_template_src",
+        "_special",
+        "_eos_ids",
+        "_bos_id",
+        "_model_id",
+        "_max_len",
+    )
 
     def __init__(
         self,
@@ -79,7 +88,7 @@ class Tokenizer:
     ) -> None:
         self._tok = tok
         self._template_src = chat_template
-        self._template = _compile_template(chat_template) if chat_template else None
+        self._template = compile_template(chat_template) if chat_template else None
         self._special = dict(special_tokens)
         self._eos_ids = tuple(eos_token_ids)
         self._bos_id = bos_token_id
@@ -130,14 +139,20 @@ class Tokenizer:
     ) -> str:
         """Render OpenAI-style messages to the prompt text; bad messages -> `ValidationError("messages")`."""
         if self._template is None:
-            raise ValidationError("messages", f"model {self._model_id} has no chat template; send a prompt instead")
-        chat = _normalize_messages(messages)
+            raise ValidationError(
+                "messages", f"model {self._model_id} has no chat template; send a prompt instead"
+            )
+        chat = normalize_messages(messages)
         context = {k: v for k, v in self._special.items() if v is not None}
         context.update(kwargs)
         try:
-            return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt, **context)
+            return self._template.render(
+                messages=chat, add_generation_prompt=add_generation_prompt, **context
+            )
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ValidationError("messages", f"chat template rejected the messages: {exc}") from exc
+            raise ValidationError(
+                "messages", f"chat template rejected the messages: {exc}"
+            ) from exc
 
     def save(self, out_dir: str) -> None:
         """Write tokenizer.json + tokenizer_config.json that transformers loads offline."""
@@ -167,41 +182,52 @@ class IncrementalDetokenizer:
     so each step decodes a short window, not the whole output.
     """
 
-    __slots__ = ("_tok", "_skip", "_ids", "_prefix", "_read")
+    __slots__ = ("_tok", "_skip", "_ids", "_read")
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer.backend
         self._skip = skip_special_tokens
+        # `_ids` starts at vLLM's prefix offset: the tokens decoded again as context so that
+        # the text of the tokens from `_read` on comes out exactly as in a full decode.
         self._ids: list[int] = []
-        self._prefix = 0  # start of the window decoded for context
-        self._read = 0  # end of the text already returned
+        self._read = 0  # ids before this were returned as text already
 
     def add(self, ids: Iterable[int]) -> str:
         out: list[str] = []
         for token_id in ids:
             self._ids.append(int(token_id))
-            prefix_text = self._decode(self._prefix, self._read)
-            new_text = self._decode(self._prefix, len(self._ids))
+            prefix_text = self._decode(self._read)
+            new_text = self._decode(len(self._ids))
             if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
                 out.append(new_text[len(prefix_text) :])
-                self._prefix, self._read = self._read, len(self._ids)
+                self._advance()
         return "".join(out)
 
     def flush(self) -> str:
         """Whatever is held back (a dangling partial character comes out as U+FFFD)."""
-        prefix_text = self._decode(self._prefix, self._read)
-        new_text = self._decode(self._prefix, len(self._ids))
-        self._prefix, self._read = self._read, len(self._ids)
+        prefix_text = self._decode(self._read)
+        new_text = self._decode(len(self._ids))
+        self._advance()
         return new_text[len(prefix_text) :]
 
-    def _decode(self, start: int, end: int) -> str:
-        if start >= end:
-            return ""
-        return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
+    def _advance(self) -> None:
+        # The returned tokens become the next step's context; older ones are no longer needed.
+        del self._ids[: self._read]
+        self._read = len(self._ids)
+
+    def _decode(self, end: int) -> str:
+        return self._tok.decode(self._ids[:end], skip_special_tokens=self._skip) if end else ""
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
-    """The tokenizer of a GGUF file or a Hugging Face directory ("" = the default model)."""
+    """The tokenizer of a GGUF file or a Hugging Face directory ("" = the default model).
+
+    A directory holding only tokenizer files (as `export_hf_tokenizer` writes) works too.
+    """
+    if model_path and os.path.isfile(
+        os.path.join(os.path.expanduser(model_path), "tokenizer.json")
+    ):
+        return _from_hf_dir(os.path.abspath(os.path.expanduser(model_path)))
     path = resolve_model_path(model_path)
     if os.path.isdir(path):
         return _from_hf_dir(path)
@@ -229,7 +255,9 @@ def _from_gguf(gguf: GGUFFile) -> Tokenizer:
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
     types: list[int] = meta.get("tokenizer.ggml.token_type") or []
     if not tokens or not merges:
-        raise ModelLoadError(f"{gguf.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+        raise ModelLoadError(
+            f"{gguf.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing"
+        )
 
     alphabet = _BYTE_ALPHABET
     vocab = {
@@ -238,7 +266,14 @@ def _from_gguf(gguf: GGUFFile) -> Tokenizer:
     }
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = _HFTokenizer(
-        models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
     )
     split = _SPLITS.get(meta.get("tokenizer.ggml.pre", ""))
     if split is None:
@@ -256,23 +291,31 @@ def _from_gguf(gguf: GGUFFile) -> Tokenizer:
     tok.add_special_tokens(
         [
             AddedToken(t, normalized=False, special=True)
-            for t, kind_ in zip(tokens, types)
+            for t, kind_ in zip(tokens, types, strict=True)
             if kind_ == _CONTROL and set(t) <= alphabet
         ]
     )
     tok.add_tokens(
-        [AddedToken(t, normalized=False, special=False) for t, kind_ in zip(tokens, types) if kind_ == _USER_DEFINED and t in vocab]
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, kind_ in zip(tokens, types, strict=True)
+            if kind_ == _USER_DEFINED and t in vocab
+        ]
     )
 
     def special(key: str) -> str | None:
         token_id = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+        return (
+            tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+        )
 
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     bos_token = special("bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos_token is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)]
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, bos_id)],
         )
     return Tokenizer(
         tok,
@@ -292,7 +335,11 @@ def _from_gguf(gguf: GGUFFile) -> Tokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -300,7 +347,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
 _BYTE_TO_UNICODE = _bytes_to_unicode()
@@ -313,14 +360,19 @@ _BYTE_ALPHABET = frozenset(_BYTE_TO_UNICODE.values())
 def _from_hf_dir(model_dir: str) -> Tokenizer:
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
-        raise ModelLoadError(f"{path}: file is missing (only fast tokenizers, tokenizer.json, are supported)")
+        raise ModelLoadError(
+            f"{path}: file is missing (only fast tokenizers, tokenizer.json, are supported)"
+        )
     try:
         tok = _HFTokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises a bare Exception for a bad file
         raise ModelLoadError(f"{path}: cannot load tokenizer: {exc}") from exc
     config = read_json(os.path.join(model_dir, "tokenizer_config.json"), required=False)
     model_config = read_json(os.path.join(model_dir, "config.json"), required=False)
-    special = {name: _token_content(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    special = {
+        name: _token_content(config.get(name))
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
 
     eos_ids = list(hf_eos_token_ids(model_dir))
     eos_from_config = tok.token_to_id(special["eos_token"]) if special["eos_token"] else None
@@ -352,60 +404,9 @@ def _hf_chat_template(model_dir: str, config: dict[str, Any]) -> str | None:
         with open(jinja_path, encoding="utf-8") as f:
             return f.read()
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(
+        template, list
+    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     return template if isinstance(template, str) else None
-
-
-# ---------------------------------------------------------------- chat templates
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    """Compile like transformers: sandboxed, trim/lstrip blocks, loop controls, tojson, raise_exception."""
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ModelLoadError(f"chat template does not compile: {exc}") from exc
-
-
-def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check OpenAI chat messages; text-part lists become one string (parts joined by newlines)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValidationError("messages", "must be a non-empty list of {role, content} objects")
-    chat = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValidationError("messages", f"[{i}] must be an object, got {type(message).__name__}")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise ValidationError("messages", f"[{i}].role must be a non-empty string")
-        chat.append({**message, "content": _content_text(i, message.get("content"))})
-    return chat
-
-
-def _content_text(i: int, content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValidationError("messages", f"[{i}].content must be a string or a list of text parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValidationError("messages", f"[{i}].content[{j}]: only text parts are supported, got {kind!r}")
-        texts.append(part["text"])
-    return "\n".join(texts)

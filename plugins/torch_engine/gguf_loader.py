@@ -64,7 +64,11 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
     kv_heads = int(gguf.arch_value("attention.head_count_kv", heads))
     names = {t.name for t in gguf.tensors}
     embed = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
-    vocab = gguf.arch_value("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ()) or (embed.shape[0] if embed else 0)
+    vocab = (
+        gguf.arch_value("vocab_size")
+        or len(meta.get("tokenizer.ggml.tokens") or ())
+        or (embed.shape[0] if embed else 0)
+    )
     bos = meta.get("tokenizer.ggml.bos_token_id")
     return ModelConfig(
         model_id=model_id_for(gguf.path),
@@ -104,7 +108,13 @@ def load_weights(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]
             array = array.copy()
         weights[name] = torch.from_numpy(array)
         if done % _LOG_EVERY == 0 or done == total:
-            logger.info("dequantizing %s: %d/%d tensors, %.1f s", os.path.basename(gguf.path), done, total, time.perf_counter() - start)
+            logger.info(
+                "dequantizing %s: %d/%d tensors, %.1f s",
+                os.path.basename(gguf.path),
+                done,
+                total,
+                time.perf_counter() - start,
+            )
     return weights
 
 
@@ -114,14 +124,20 @@ def hf_name(gguf_name: str, path: str) -> str:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.match(gguf_name)
     if match is None or match.group(2) not in _LAYER_NAMES:
-        raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not a Llama/Qwen2 decoder tensor)")
+        raise ModelLoadError(
+            f"{path}: unexpected tensor {gguf_name} (not a Llama/Qwen2 decoder tensor)"
+        )
     layer, part, kind = match.groups()
     return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of q/k rows: per head, (2, half) pairs back to (half, 2) halves."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _open_data(path: str) -> np.memmap:
@@ -139,7 +155,9 @@ def _dequantize(data: np.memmap, info: GGUFTensorInfo, path: str) -> np.ndarray:
         qtype = GGMLQuantizationType(info.ggml_type)
         byte_shape = quant_shape_to_byte_shape(info.shape, qtype)
     except (ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: tensor {info.name} has unsupported type {info.ggml_type}: {exc}") from exc
+        raise ModelLoadError(
+            f"{path}: tensor {info.name} has unsupported type {info.ggml_type}: {exc}"
+        ) from exc
     nbytes = int(np.prod(byte_shape))
     if info.offset + nbytes > data.shape[0]:
         raise ModelLoadError(
@@ -151,18 +169,26 @@ def _dequantize(data: np.memmap, info: GGUFTensorInfo, path: str) -> np.ndarray:
         return dequantize(raw, qtype)
     except NotImplementedError as exc:
         block, _ = GGML_QUANT_SIZES[qtype]
-        raise ModelLoadError(f"{path}: tensor {info.name}: cannot dequantize {qtype.name} (block {block}): {exc}") from exc
+        raise ModelLoadError(
+            f"{path}: tensor {info.name}: cannot dequantize {qtype.name} (block {block}): {exc}"
+        ) from exc
 
 
 def _rope_scaling(gguf: GGUFFile) -> dict[str, object] | None:
     freqs = next((t for t in gguf.tensors if t.name == _ROPE_FREQS), None)
     if freqs is not None:
         factors = _dequantize(_open_data(gguf.path), freqs, gguf.path)
-        return {"rope_type": "freq_factors", "freq_factors": [float(x) for x in factors.reshape(-1)]}
+        return {
+            "rope_type": "freq_factors",
+            "freq_factors": [float(x) for x in factors.reshape(-1)],
+        }
     kind = gguf.arch_value("rope.scaling.type")
     if kind in (None, "none"):
         return None
-    scaling: dict[str, object] = {"rope_type": kind, "factor": float(gguf.arch_value("rope.scaling.factor", 1.0))}
+    scaling: dict[str, object] = {
+        "rope_type": kind,
+        "factor": float(gguf.arch_value("rope.scaling.factor", 1.0)),
+    }
     original = gguf.arch_value("rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)

@@ -49,7 +49,11 @@ def read_config(model_dir: str) -> ModelConfig:
     max_pos = int(need("max_position_embeddings"))
     window = _sliding_window(cfg, arch)
     if window and window < max_pos:
-        logger.info("%s: sliding window %d; capping the context at it so full attention is exact", model_dir, window)
+        logger.info(
+            "%s: sliding window %d; capping the context at it so full attention is exact",
+            model_dir,
+            window,
+        )
         max_pos = window
     bos = cfg.get("bos_token_id")
     return ModelConfig(
@@ -81,7 +85,9 @@ def load_weights(model_dir: str, config: ModelConfig) -> dict[str, torch.Tensor]
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    if name.endswith(_SKIPPED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+                    if name.endswith(_SKIPPED_SUFFIXES) or (
+                        config.tie_word_embeddings and name == "lm_head.weight"
+                    ):
                         continue
                     weights[name] = f.get_tensor(name).to(torch.float32)
                     if len(weights) % _LOG_EVERY == 0:
@@ -101,9 +107,13 @@ def safetensors_files(model_dir: str) -> list[str]:
         files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
         for path in files:
             if not os.path.isfile(path):
-                raise ModelLoadError(f"{path}: shard listed in {os.path.basename(index)} is missing")
+                raise ModelLoadError(
+                    f"{path}: shard listed in {os.path.basename(index)} is missing"
+                )
         return files
-    files = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    files = sorted(
+        os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".safetensors")
+    )
     if not files:
         raise ModelLoadError(
             f"{model_dir}: no *.safetensors files (pytorch_model.bin checkpoints are not supported; "

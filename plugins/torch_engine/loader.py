@@ -73,12 +73,23 @@ class ModelConfig:
                 f"{source}: architecture {self.architecture!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ModelLoadError(f"{source}: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ModelLoadError(
+                f"{source}: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise ModelLoadError(f"{source}: rms_norm_eps and rope_theta must be positive")
         return self
@@ -111,7 +122,13 @@ def load_checkpoint(model_path: str, cache_dir: str = "") -> Checkpoint:
             weights = gguf_loader.load_weights(gguf, config)
             _store_cached(path, cache_dir, weights)
     check_weights(config, weights, path)
-    logger.info("loaded %s (%s, %d tensors) in %.2f s", config.model_id, config.architecture, len(weights), time.perf_counter() - start)
+    logger.info(
+        "loaded %s (%s, %d tensors) in %.2f s",
+        config.model_id,
+        config.architecture,
+        len(weights),
+        time.perf_counter() - start,
+    )
     return Checkpoint(config, weights)
 
 
@@ -119,7 +136,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, with its shape."""
     h, hd = config.hidden_size, config.head_dim
     q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     for i in range(config.num_layers):
@@ -138,7 +158,13 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             }
         )
         if config.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
     return shapes
 
 
@@ -150,25 +176,35 @@ def check_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor], sour
         raise ModelLoadError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing)")
     extra = [name for name in weights if name not in shapes]
     if extra:
-        raise ModelLoadError(f"{source}: unexpected tensor {extra[0]} for {config.architecture} ({len(extra)} unexpected)")
+        raise ModelLoadError(
+            f"{source}: unexpected tensor {extra[0]} for {config.architecture} ({len(extra)} unexpected)"
+        )
     for name, shape in shapes.items():
         tensor = weights[name]
         if tuple(tensor.shape) != shape:
-            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}"
+            )
         if tensor.dtype != torch.float32:
             raise ModelLoadError(f"{source}: tensor {name} is {tensor.dtype}, expected float32")
 
 
 def cache_path(gguf_path: str, cache_dir: str = "") -> str:
     """Where the dequantized weights of `gguf_path` are cached (path + size + mtime key)."""
-    root = cache_dir or os.environ.get("TRIDENT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "trident")
+    root = (
+        cache_dir
+        or os.environ.get("TRIDENT_CACHE_DIR")
+        or os.path.join(os.path.expanduser("~"), ".cache", "trident")
+    )
     st = os.stat(gguf_path)
     key = f"{_CACHE_FORMAT}|{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(root, "gguf", f"{model_id_for(gguf_path)}-{digest}.safetensors")
 
 
-def _load_cached(gguf_path: str, cache_dir: str, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+def _load_cached(
+    gguf_path: str, cache_dir: str, config: ModelConfig
+) -> dict[str, torch.Tensor] | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -196,10 +232,32 @@ def _store_cached(gguf_path: str, cache_dir: str, weights: dict[str, torch.Tenso
         save_file(weights, tmp, metadata={"source": gguf_path, "format": str(_CACHE_FORMAT)})
         os.replace(tmp, path)  # atomic: a reader sees the old state or the whole file
     except OSError as exc:
-        logger.warning("cannot write weight cache %s (%s); the next start dequantizes again", path, exc)
+        logger.warning(
+            "cannot write weight cache %s (%s); the next start dequantizes again", path, exc
+        )
         _remove(tmp)
         return
     logger.info("cached dequantized weights at %s", path)
+    _remove_stale(path, gguf_path)
+
+
+def _remove_stale(current: str, gguf_path: str) -> None:
+    """Delete caches of earlier versions (other size/mtime) of the same GGUF file."""
+    from safetensors import SafetensorError, safe_open
+
+    folder, prefix = os.path.dirname(current), model_id_for(gguf_path) + "-"
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if path == current or not (name.startswith(prefix) and name.endswith(".safetensors")):
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                source = (f.metadata() or {}).get("source")
+        except (SafetensorError, OSError):
+            continue
+        if source == gguf_path:
+            logger.info("removing stale weight cache %s", path)
+            _remove(path)
 
 
 def _remove(path: str) -> None:

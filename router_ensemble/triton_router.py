@@ -1,0 +1,132 @@
+"""The `router` model's body: Triton requests in, `Orchestrator` runs, Triton responses out.
+
+`model_repository/router/1/model.py` creates one `RouterModel` per instance. `execute` runs
+on Triton's model thread and only hands each request to a thread pool, so one router
+instance serves many requests at once (the orchestration blocks on BLS streams); each pool
+thread owns its request until the COMPLETE_FINAL response.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+from router_ensemble.bls_client import BlsWorkerClient, is_model_ready
+from router_ensemble.orchestrator import Orchestrator
+from router_ensemble.router_io import (
+    ROUTER_INPUTS,
+    RouterDelta,
+    encode_router_outputs,
+    parse_router_inputs,
+)
+from router_ensemble.worker_pool import RoundRobinSelector, WorkerDirectory
+from trident.errors import ConfigError, TridentError
+from trident.tokenizer import load_tokenizer
+from trident.triton_utils import (
+    close_quietly,
+    is_unset,
+    pb_utils,
+    read_inputs,
+    send_final_error,
+    tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterModelConfig:
+    """The router model's own parameters (routing policy settings: `routing_config.py`).
+
+    `model` also reads `TRIDENT_MODEL` (the engines' key); the others `TRIDENT_ROUTER_<KEY>`.
+    """
+
+    model: str = ""  # tokenizer source; "" = the default model
+    decode_pool: str = "decode"  # worker models are <pool>, <pool>_1, <pool>_2, ...
+    decode_models: str = ""  # fixed comma-separated list instead of discovery
+    max_concurrency: int = 256  # request threads per router instance
+    cancel_poll_ms: int = 100
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterModelConfig:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for key, default in ((f.name, f.default) for f in fields(cls)):
+            env_key = "TRIDENT_MODEL" if key == "model" else "TRIDENT_ROUTER_" + key.upper()
+            raw = env.get(env_key)
+            if is_unset(raw):
+                raw = params.get(key)
+            if is_unset(raw):
+                continue
+            try:
+                values[key] = type(default)(str(raw).strip())
+            except ValueError:
+                raise ConfigError(f"{key}: cannot parse {raw!r}") from None
+        config = cls(**values)
+        if config.max_concurrency <= 0 or config.cancel_poll_ms <= 0:
+            raise ConfigError("max_concurrency and cancel_poll_ms must be positive")
+        return config
+
+
+class RouterModel:
+    """One router model instance. Created in `initialize`; `execute` from Triton's thread."""
+
+    def __init__(self, name: str, params: Mapping[str, str]) -> None:
+        self.name = name
+        self.config = RouterModelConfig.from_mapping(params)
+        fixed = tuple(m.strip() for m in self.config.decode_models.split(",") if m.strip())
+        directory = WorkerDirectory(self.config.decode_pool, probe=is_model_ready, fixed=fixed)
+        self.orchestrator = Orchestrator(
+            load_tokenizer(self.config.model),
+            RoundRobinSelector(directory),
+            BlsWorkerClient(),
+            cancel_poll_s=self.config.cancel_poll_ms / 1000.0,
+        )
+        self.pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix=f"{name}-req")
+        logger.info("router %s ready (tokenizer %s)", name, self.orchestrator.tokenizer.model_id)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self.pool.submit(self._serve, request, request.get_response_sender())
+
+    def _serve(self, request: Any, sender: Any) -> None:
+        pb = pb_utils()
+
+        def emit(delta: RouterDelta) -> None:
+            response = pb.InferenceResponse(output_tensors=tensors(encode_router_outputs(delta)))
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if delta.final else 0)
+
+        try:
+            parsed = parse_router_inputs(read_inputs(request, ROUTER_INPUTS))
+            self.orchestrator.run(parsed, emit, request.is_cancelled)
+        except TridentError as exc:
+            logger.info("request failed: %s", exc)
+            self._send_error(sender, exc)
+        except Exception as exc:
+            if _cancelled(request):
+                logger.info("request ended after the client cancelled it: %s", exc)
+                close_quietly(sender)
+            else:
+                logger.exception("router %s: unexpected error", self.name)
+                self._send_error(sender, f"internal error in router {self.name}: {exc}")
+
+    @staticmethod
+    def _send_error(sender: Any, exc: BaseException | str) -> None:
+        try:
+            send_final_error(sender, exc)
+        except Exception as send_exc:  # the client is gone
+            logger.info("could not deliver error %r: %s", str(exc), send_exc)
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _cancelled(request: Any) -> bool:
+    try:
+        return bool(request.is_cancelled())
+    except Exception:
+        return True

@@ -1,0 +1,185 @@
+"""Request validation: every rejected body names the field the client got wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from frontend.errors import APIError
+from frontend.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    max_tokens_of,
+    parse_body,
+    router_param_map,
+    to_router_requests,
+    validate_chat,
+    validate_completion,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _chat(**overrides: object) -> bytes:
+    return json.dumps({**CHAT, **overrides}).encode()
+
+
+def _reject(raw: bytes, kind: type = ChatCompletionRequest, max_n: int = 4) -> APIError:
+    with pytest.raises(APIError) as info:
+        req = parse_body(raw, kind)
+        if kind is ChatCompletionRequest:
+            validate_chat(req, max_n)
+        else:
+            validate_completion(req, max_n)
+    assert info.value.status == 400
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"", "invalid_json"),
+    ],
+)
+def test_malformed_json_is_a_400(raw: bytes, code: str) -> None:
+    assert _reject(raw).code == code
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": 3}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": 7}, "model"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+        ),
+    ],
+)
+def test_bad_chat_field_is_named(overrides: dict[str, object], param: str) -> None:
+    err = _reject(_chat(**overrides))
+    assert err.param == param, err.message
+    assert err.message.startswith(param.split("[")[0]) or param in err.message
+
+
+def test_missing_messages_is_named() -> None:
+    err = _reject(json.dumps({"model": "m"}).encode())
+    assert err.param == "messages" and "required" in err.message
+
+
+def test_chat_messages_are_flattened_for_the_router() -> None:
+    req = parse_body(
+        _chat(
+            messages=[
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None},
+            ]
+        ),
+        ChatCompletionRequest,
+    )
+    assert validate_chat(req, 1) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_unknown_fields_are_ignored() -> None:
+    req = parse_body(_chat(some_future_field={"x": 1}), ChatCompletionRequest)
+    assert validate_chat(req, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": []}, "prompt"),
+        ({"model": "m", "prompt": [1, "a"]}, "prompt"),
+        ({"model": "m", "prompt": [-1]}, "prompt"),
+        ({"model": "m", "prompt": "x", "echo": "no"}, "echo"),
+        ({"model": "m", "prompt": [1, 2], "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
+        ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": "m", "prompt": "x", "logprobs": 1}, "logprobs"),
+    ],
+)
+def test_bad_completion_field_is_named(body: dict[str, object], param: str) -> None:
+    err = _reject(json.dumps(body).encode(), CompletionRequest)
+    assert err.param == param, err.message
+
+
+def test_completion_prompts_expand_to_one_router_request_per_choice() -> None:
+    req = parse_body(
+        json.dumps(
+            {"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 7, "stop": "x", "top_k": -1}
+        ).encode(),
+        CompletionRequest,
+    )
+    prompts = validate_completion(req, 4)
+    routed = to_router_requests(req, prompts, None, "cmpl-1", default_max_tokens=None)
+    assert [r.text_input for r in routed] == ["a", "a", "b", "b"]
+    assert [r.seed for r in routed] == [7, 8, 7, 8]
+    assert [r.request_id for r in routed] == ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2", "cmpl-1-3"]
+    assert all(r.stop == ("x",) and r.top_k == 0 and r.max_tokens is None for r in routed)
+
+
+def test_token_prompts_go_as_input_ids() -> None:
+    req = parse_body(
+        json.dumps({"model": "m", "prompt": [[1, 2], [3]]}).encode(), CompletionRequest
+    )
+    routed = to_router_requests(req, validate_completion(req, 1), None, "c", None)
+    assert [r.input_ids for r in routed] == [(1, 2), (3,)]
+    single = parse_body(json.dumps({"model": "m", "prompt": [5, 6, 7]}).encode(), CompletionRequest)
+    assert to_router_requests(single, validate_completion(single, 1), None, "c", None)[
+        0
+    ].input_ids == (5, 6, 7)
+
+
+def test_max_completion_tokens_wins_and_names_the_param() -> None:
+    req = parse_body(_chat(max_tokens=5, max_completion_tokens=9), ChatCompletionRequest)
+    assert max_tokens_of(req, 100) == (9, "max_completion_tokens")
+    assert router_param_map(req, chat=True)["max_tokens"] == "max_completion_tokens"
+    assert router_param_map(req, chat=True)["text_input"] == "messages"
+    plain = parse_body(_chat(), ChatCompletionRequest)
+    assert max_tokens_of(plain, 64) == (64, "max_tokens")
+    routed = to_router_requests(plain, None, validate_chat(plain, 1), "r", 64)
+    assert (
+        routed[0].max_tokens == 64 and json.loads(routed[0].messages_json or "") == CHAT["messages"]
+    )

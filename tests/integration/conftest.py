@@ -1,0 +1,14 @@
+"""Integration tests run against the real tritonserver (one per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.server_fixture import triton_server  # noqa: F401  (fixture)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)
