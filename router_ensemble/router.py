@@ -95,6 +95,7 @@ class KvRouter:
         )
         self._lock = threading.Lock()
         self._workers: dict[str, None] = {}  # insertion-ordered set
+        self._down: set[str] = set()  # removed (left, silent, unloaded) until added again
         self._sched_lock = threading.Lock()
 
     # ------------------------------------------------------------ membership and feeds
@@ -103,6 +104,7 @@ class KvRouter:
         with self._lock:
             new = worker_id not in self._workers
             self._workers[worker_id] = None
+            self._down.discard(worker_id)
         if new:
             logger.info("router: worker=%s added", worker_id)
 
@@ -110,6 +112,7 @@ class KvRouter:
         with self._lock:
             known = worker_id in self._workers
             self._workers.pop(worker_id, None)
+            self._down.add(worker_id)
         blocks = self.index.remove_worker(worker_id)
         self.loads.remove(worker_id)
         if known:
@@ -130,6 +133,11 @@ class KvRouter:
     def update_load(self, worker_id: str, report: LoadReport) -> None:
         self.loads.update(worker_id, report)
 
+    def release(self, request_id: str) -> None:
+        """The request finished: its pending load no longer counts (if a report had not
+        already absorbed it)."""
+        self.loads.release(request_id)
+
     def record_served(self, worker_id: str, prompt_tokens: int, cached_tokens: int) -> None:
         self.metrics.record_served(worker_id, prompt_tokens, cached_tokens)
 
@@ -141,12 +149,15 @@ class KvRouter:
         candidates: Iterable[str] | None = None,
         *,
         block_hashes: Sequence[int] | None = None,
+        request_id: str | None = None,
     ) -> Decision:
         """Pick a worker for a prompt given as token ids or as its chained block hashes.
 
-        `candidates` limits the choice (e.g. the workers the orchestration considers ready);
-        workers the router does not know (never added, or removed) are skipped. Raises
-        `WorkerUnavailable` when none is left, `ValidationError("input_ids")` for bad tokens.
+        `candidates` limits the choice (e.g. the workers the orchestration considers ready;
+        default: every added worker); candidates the router has removed (they left or went
+        silent) are skipped. `request_id` lets `release` end the request's pending load early.
+        Raises `WorkerUnavailable` when no worker is left, `ValidationError("input_ids")` for
+        bad tokens.
         """
         t0 = time.perf_counter()
         if block_hashes is None:
@@ -170,7 +181,7 @@ class KvRouter:
             if candidates is None:
                 pool = list(self._workers)
             else:
-                pool = [w for w in candidates if w in self._workers]
+                pool = [w for w in candidates if w not in self._down]
         if not pool:
             raise WorkerUnavailable(
                 "no live worker to route to"
@@ -184,7 +195,7 @@ class KvRouter:
             options = [Candidate(w, overlaps.get(w, 0), self.loads.view(w)) for w in pool]
             chosen = self.policy.select(options, request_blocks)
             self.loads.assign(
-                chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks
+                chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks, request_id
             )
         if self.approximate:
             self.index.assume_cached(chosen.worker_id, hashes)
@@ -210,3 +221,24 @@ class KvRouter:
             decision.schedule_us,
         )
         return decision
+
+
+class KvSelector:
+    """`KvRouter` behind the orchestrator's `WorkerSelector` calls (`select`, `release`).
+
+    `workers` gives the pool's ready replicas (e.g. `WorkerDirectory.workers`); None means
+    the workers added to the router. Called on request threads.
+    """
+
+    def __init__(
+        self, router: KvRouter, workers: Callable[[], Sequence[str]] | None = None
+    ) -> None:
+        self.router = router
+        self.workers = workers
+
+    def select(self, request_id: str, token_ids: Sequence[int]) -> str:
+        candidates = None if self.workers is None else self.workers()
+        return self.router.decide(token_ids, candidates, request_id=request_id).worker_id
+
+    def release(self, request_id: str) -> None:
+        self.router.release(request_id)

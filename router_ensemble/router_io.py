@@ -15,6 +15,7 @@ Outputs (every response): text_output STRING [1], output_ids INT32 [-1], finish_
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,18 @@ def parse_router_inputs(arrays: Arrays) -> RouterRequest:
     if not ids:
         raise ValidationError("input_ids", "must not be empty")
     return RouterRequest(input_ids=ids, **common)  # type: ignore[arg-type]
+
+
+def check_parameters(parameters: Mapping[str, Any]) -> None:
+    """Reject request parameters the router does not know.
+
+    Triton's HTTP generate extension turns JSON fields that are not model inputs into
+    request parameters, so a misspelt input arrives here instead of being refused by the
+    server; parameters Triton itself sets start with "triton_".
+    """
+    unknown = sorted(k for k in parameters if not k.startswith("triton_") and k not in ROUTER_INPUTS)
+    if unknown:
+        raise ValidationError(unknown[0], f"unknown input; the router accepts {', '.join(ROUTER_INPUTS)}")
 
 
 def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:

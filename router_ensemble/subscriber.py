@@ -29,6 +29,7 @@ import zmq
 from kv_manager import wire
 from router_ensemble.router import KvRouter
 from router_ensemble.sync import Actions, StreamSync
+from router_ensemble.translate import HASH_SCHEMES, HashTranslator
 from trident.errors import ConfigError, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class WorkerEndpoint:
     endpoint: str  # the worker's PUB address, e.g. tcp://127.0.0.1:5557 or ipc:///tmp/w0
     resync_endpoint: str = ""  # its ROUTER address; "" = learn it from the worker's reports
     resync: str = "auto"
+    hashes: str = "native"  # "tokens": the engine hashes its own way (vLLM, SGLang); see translate
 
     def validate(self) -> WorkerEndpoint:
         if not self.worker_id:
@@ -55,6 +57,8 @@ class WorkerEndpoint:
             )
         if self.resync not in RESYNC_MODES:
             raise ConfigError(f"resync: expected one of {RESYNC_MODES}, got {self.resync!r}")
+        if self.hashes not in HASH_SCHEMES:
+            raise ConfigError(f"hashes: expected one of {HASH_SCHEMES}, got {self.hashes!r}")
         return self
 
 
@@ -66,6 +70,7 @@ class _Conn:
         "sub",
         "dealer",
         "sync",
+        "translator",
         "live",
         "last_report",
         "learned",
@@ -73,8 +78,11 @@ class _Conn:
         "warned",
     )
 
-    def __init__(self, spec: WorkerEndpoint, sub: zmq.Socket) -> None:
+    def __init__(self, spec: WorkerEndpoint, sub: zmq.Socket, block_size: int) -> None:
         self.spec = spec
+        self.translator = (
+            HashTranslator(spec.worker_id, block_size) if spec.hashes == "tokens" else None
+        )
         self.sub = sub
         self.dealer: zmq.Socket | None = None
         self.sync = StreamSync(spec.worker_id)
@@ -212,7 +220,7 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(spec.endpoint)
-        conn = _Conn(spec, sub)
+        conn = _Conn(spec, sub, self.router.block_size)
         self._conns[spec.worker_id] = conn
         self._owner[sub] = conn
         self._poller.register(sub, zmq.POLLIN)
@@ -249,7 +257,9 @@ class KvEventSubscriber:
                     "kv subscriber worker=%s: bad message dropped: %s", conn.spec.worker_id, exc
                 )
             except Exception:  # keep listening to every other worker whatever one sends
-                logger.exception("kv subscriber worker=%s: message handling failed", conn.spec.worker_id)
+                logger.exception(
+                    "kv subscriber worker=%s: message handling failed", conn.spec.worker_id
+                )
             if conn.spec.worker_id not in self._conns:
                 return
         self._publish_status(conn)
@@ -302,9 +312,14 @@ class KvEventSubscriber:
 
     def _do(self, conn: _Conn, actions: Actions) -> None:
         wid = conn.spec.worker_id
+        translator = conn.translator
         if actions.clear:
             self.router.clear_worker(wid)
+            if translator is not None:
+                translator.clear()
         for events in actions.apply:
+            if translator is not None:
+                events = translator.translate(events)
             self.router.apply_events(wid, events)
         if actions.resync:
             conn.sync.begin_resync(self._clock())
@@ -372,6 +387,8 @@ class KvEventSubscriber:
         conn.last_report = None
         conn.resync_kind = ""
         conn.sync.reset()
+        if conn.translator is not None:
+            conn.translator.clear()
         self.router.remove_worker(conn.spec.worker_id)
         self._publish_status(conn)
 

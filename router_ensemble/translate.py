@@ -57,7 +57,9 @@ class HashTranslator:
         if event.lora_id:
             return None
         if event.block_size != bs or len(event.token_ids) != len(event.block_hashes) * bs:
-            self._skip(f"block_size {event.block_size} / {len(event.token_ids)} tokens for {len(event.block_hashes)} blocks")
+            self._skip(
+                f"block_size {event.block_size} / {len(event.token_ids)} tokens for {len(event.block_hashes)} blocks"
+            )
             return None
         parent: BlockHash | None = None
         if event.parent_block_hash is not None:
@@ -76,7 +78,9 @@ class HashTranslator:
             else:
                 entry[1] += 1
             hashes.append(parent)
-        first_parent = None if event.parent_block_hash is None else self._map[event.parent_block_hash][0]
+        first_parent = (
+            None if event.parent_block_hash is None else self._map[event.parent_block_hash][0]
+        )
         return BlockStored(tuple(hashes), first_parent, event.token_ids, bs, None, event.medium)
 
     def _removed(self, event: BlockRemoved) -> BlockRemoved:
@@ -94,4 +98,9 @@ class HashTranslator:
     def _skip(self, why: str) -> None:
         self.skipped += 1
         if self.skipped <= 3 or self.skipped % 1000 == 0:
-            logger.warning("kv translate worker=%s: stored event skipped (%s; %d so far)", self.worker_id, why, self.skipped)
+            logger.warning(
+                "kv translate worker=%s: stored event skipped (%s; %d so far)",
+                self.worker_id,
+                why,
+                self.skipped,
+            )

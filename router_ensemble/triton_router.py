@@ -8,6 +8,7 @@ thread owns its request until the COMPLETE_FINAL response.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from router_ensemble.orchestrator import Orchestrator
 from router_ensemble.router_io import (
     ROUTER_INPUTS,
     RouterDelta,
+    check_parameters,
     encode_router_outputs,
     parse_router_inputs,
 )
@@ -101,6 +103,7 @@ class RouterModel:
             sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if delta.final else 0)
 
         try:
+            check_parameters(json.loads(request.parameters() or "{}"))
             parsed = parse_router_inputs(read_inputs(request, ROUTER_INPUTS))
             self.orchestrator.run(parsed, emit, request.is_cancelled)
         except TridentError as exc:

@@ -2,7 +2,7 @@
 
 Runs against a frontend that is already serving (`trident serve`, or `python -m frontend`
 next to a running tritonserver). aiperf lives in its own virtual environment
-(`.venv-aiperf` at the repository root, created on first use) so its pins never touch
+(`.cache/.venv-aiperf`, git-ignored, created on first use) so its pins never touch
 ours. Its tokenizer is a local directory exported from the served model by
 `trident.tokenizer.export_hf_tokenizer`, and the Hugging Face hub is switched off.
 
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GGUF / HF dir for the tokenizer ('' = default model)",
     )
     p.add_argument(
-        "--venv", default=str(REPO_ROOT / ".venv-aiperf"), help="aiperf's own virtual environment"
+        "--venv", default=str(REPO_ROOT / ".cache" / ".venv-aiperf"), help="aiperf's own virtual environment"
     )
     p.add_argument("--aiperf-spec", default=AIPERF_SPEC, help="pip requirement for aiperf")
     p.add_argument(

@@ -81,7 +81,7 @@ class BlockCopier:
             torch.cuda.current_stream(src.device).synchronize()
 
     def _copy_cpu(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
-        bn = src[0].numel() * src.element_size()
+        bn = src.stride(0) * src.element_size()
         sp, dp = src.data_ptr(), dst.data_ptr()
         pieces: list[tuple[int, int, int]] = []
         for s, d, n in runs:
@@ -128,7 +128,7 @@ def _gather_scatter_cuda(
     if kernel is None:
         dst.index_copy_(0, ids[n:], src.index_select(0, ids[:n]))
         return
-    bn = src[0].numel() * src.element_size()
+    bn = src.stride(0) * src.element_size()
     word = torch.int64 if bn % 8 == 0 else torch.int32 if bn % 4 == 0 else torch.int16
     sw = src.view(-1).view(torch.uint8).view(word)
     dw = dst.view(-1).view(torch.uint8).view(word)

@@ -135,6 +135,8 @@ def rope_cache(config: Any, max_positions: int, device: torch.device) -> tuple[t
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
         inv_freq = _llama3_scaling(inv_freq, scaling)
+    elif kind == "freq_factors":  # Llama 3.1+ GGUF files carry the scaled factors as a tensor
+        inv_freq = inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float32)
     elif kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind not in (None, "default"):

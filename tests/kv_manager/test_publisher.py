@@ -18,8 +18,16 @@ from router_ensemble.index import KvIndex
 from trident.errors import ConfigError
 
 STATS = EngineStats(
-    running=2, waiting=1, active_blocks=30, total_blocks=100, cached_blocks=12,
-    active_prefill_tokens=48, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, preemptions=0,
+    running=2,
+    waiting=1,
+    active_blocks=30,
+    total_blocks=100,
+    cached_blocks=12,
+    active_prefill_tokens=48,
+    prompt_tokens=0,
+    cached_prompt_tokens=0,
+    generated_tokens=0,
+    preemptions=0,
 )
 
 
@@ -80,7 +88,9 @@ def resync_request(ctx: zmq.Context, endpoint: str, request: bytes) -> list[list
 
 def test_batches_load_and_leave_on_the_wire(ctx: zmq.Context) -> None:
     with KVEventPublisher("decode", block_size=4, data_parallel_rank=0) as pub:
-        assert pub.endpoint.startswith("tcp://127.0.0.1:") and pub.resync_endpoint.startswith("tcp://127.0.0.1:")
+        assert pub.endpoint.startswith("tcp://127.0.0.1:") and pub.resync_endpoint.startswith(
+            "tcp://127.0.0.1:"
+        )
         sub = connect_sub(ctx, pub)
         stored = BlockStored((1, 2), None, tuple(range(8)), 4)
         assert pub.publish([stored]) == 0
@@ -89,15 +99,24 @@ def test_batches_load_and_leave_on_the_wire(ctx: zmq.Context) -> None:
         topic, seq, payload = recv(sub)
         assert (topic, seq) == (b"kv-events", 0)
         ts, events, rank = msgpack.unpackb(payload)
-        assert events == [["BlockStored", [1, 2], None, list(range(8)), 4, None, "GPU"]] and rank == 0
+        assert (
+            events == [["BlockStored", [1, 2], None, list(range(8)), 4, None, "GPU"]] and rank == 0
+        )
         assert abs(ts - time.time()) < 60
         assert recv(sub)[1] == 1
         pub.report_load(STATS)
         topic, seq, payload = recv(sub)
         load = wire.decode_load(payload)
         assert topic == wire.TOPIC_LOAD and seq == 2 and load.next_seq == 2
-        assert (load.active_blocks, load.total_blocks, load.running, load.waiting) == (30, 100, 2, 1)
-        assert load.active_prefill_tokens == 48 and load.cached_blocks == 12 and load.block_size == 4
+        assert (load.active_blocks, load.total_blocks, load.running, load.waiting) == (
+            30,
+            100,
+            2,
+            1,
+        )
+        assert (
+            load.active_prefill_tokens == 48 and load.cached_blocks == 12 and load.block_size == 4
+        )
         assert load.resync_endpoint == pub.resync_endpoint and load.worker_id == "decode"
         pub.close()
         topic, _, payload = recv(sub)
@@ -110,7 +129,12 @@ def test_batches_load_and_leave_on_the_wire(ctx: zmq.Context) -> None:
 def test_snapshot_rebuilds_the_cache(ctx: zmq.Context) -> None:
     with KVEventPublisher("w", block_size=4) as pub:
         pub.publish([BlockStored((1, 2, 3), None, tuple(range(12)), 4)])
-        pub.publish([BlockStored((4, 5), 3, tuple(range(8)), 4), BlockStored((9,), None, (0,) * 4, 4, None, "CPU")])
+        pub.publish(
+            [
+                BlockStored((4, 5), 3, tuple(range(8)), 4),
+                BlockStored((9,), None, (0,) * 4, 4, None, "CPU"),
+            ]
+        )
         pub.publish([BlockRemoved((5, 2))])
         pub.publish([BlockStored((7,), 1, (1,) * 4, 4)])
         replies = resync_request(ctx, pub.resync_endpoint, wire.SNAPSHOT)
@@ -123,7 +147,9 @@ def test_snapshot_rebuilds_the_cache(ctx: zmq.Context) -> None:
     index.apply_events("w", batch.events)
     assert sorted(h for h in (1, 2, 3, 4, 5, 7, 9) if index.contains("w", h)) == [1, 3, 4, 7, 9]
     runs = [(e.block_hashes, e.parent_block_hash, e.medium) for e in batch.events[1:]]
-    assert ((1,), None, "GPU") in runs and ((3, 4), 2, "GPU") in runs and ((9,), None, "CPU") in runs
+    assert (
+        ((1,), None, "GPU") in runs and ((3, 4), 2, "GPU") in runs and ((9,), None, "CPU") in runs
+    )
 
 
 def test_vllm_style_replay(ctx: zmq.Context) -> None:

@@ -51,7 +51,9 @@ class _VllmKVEventBatch(_VllmBatch):
 
 
 def test_encode_is_vllm_array_layout() -> None:
-    payload = wire.encode_batch([STORED, REMOVED, AllBlocksCleared()], ts=1.25, data_parallel_rank=3)
+    payload = wire.encode_batch(
+        [STORED, REMOVED, AllBlocksCleared()], ts=1.25, data_parallel_rank=3
+    )
     assert msgpack.unpackb(payload) == [
         1.25,
         [
@@ -72,7 +74,11 @@ def test_decode_what_vllm_encodes() -> None:
     payload = msgspec.msgpack.encode(
         _VllmKVEventBatch(
             ts=2.0,
-            events=[BlockStoredV([1, 2], None, [5] * 8, 4, 7, "GPU"), BlockRemovedV([2], None), AllBlocksClearedV()],
+            events=[
+                BlockStoredV([1, 2], None, [5] * 8, 4, 7, "GPU"),
+                BlockRemovedV([2], None),
+                AllBlocksClearedV(),
+            ],
         )
     )
     batch = wire.decode_batch(payload)
@@ -90,21 +96,44 @@ def test_roundtrip() -> None:
 
 
 def test_older_layout_without_medium_and_rank() -> None:
-    payload = msgpack.packb([1.0, [["BlockStored", [1], None, [0, 1], 2, None], ["BlockRemoved", [1]]]])
+    payload = msgpack.packb(
+        [1.0, [["BlockStored", [1], None, [0, 1], 2, None], ["BlockRemoved", [1]]]]
+    )
     batch = wire.decode_batch(payload)
     assert batch.data_parallel_rank is None
-    assert batch.events == (BlockStored((1,), None, (0, 1), 2, None, "GPU"), BlockRemoved((1,), "GPU"))
+    assert batch.events == (
+        BlockStored((1,), None, (0, 1), 2, None, "GPU"),
+        BlockRemoved((1,), "GPU"),
+    )
 
 
 def test_newer_layout_trailing_fields_and_map_form() -> None:
     # newer vLLM adds lora_name, extra_keys, group_idx, ... after medium
-    arr = msgpack.packb([1.0, [["BlockStored", [1], None, [0, 1], 2, None, "GPU", "lora-a", None, 0], ["BlockRemoved", [1], "GPU", 0]], 0])
+    arr = msgpack.packb(
+        [
+            1.0,
+            [
+                ["BlockStored", [1], None, [0, 1], 2, None, "GPU", "lora-a", None, 0],
+                ["BlockRemoved", [1], "GPU", 0],
+            ],
+            0,
+        ]
+    )
     assert wire.decode_batch(arr).events == (BlockStored((1,), None, (0, 1), 2), BlockRemoved((1,)))
     as_map = msgpack.packb(
         {
             "ts": 1.0,
             "events": [
-                {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": [0, 1], "block_size": 2, "lora_id": None, "medium": "GPU", "lora_name": None},
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1],
+                    "parent_block_hash": None,
+                    "token_ids": [0, 1],
+                    "block_size": 2,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                },
                 {"type": "AllBlocksCleared"},
             ],
             "data_parallel_rank": 1,
@@ -135,8 +164,14 @@ def test_unknown_event_types_are_skipped() -> None:
         (msgpack.packb("nope"), "payload"),
         (msgpack.packb(["x", []]), "ts"),
         (msgpack.packb([0.0, {}]), "events"),
-        (msgpack.packb([0.0, [["BlockStored", "h", None, [], 4, None, "GPU"]]]), "events[0].block_hashes"),
-        (msgpack.packb([0.0, [["AllBlocksCleared"], ["BlockStored", [1], None, [], 0]]]), "events[1].block_size"),
+        (
+            msgpack.packb([0.0, [["BlockStored", "h", None, [], 4, None, "GPU"]]]),
+            "events[0].block_hashes",
+        ),
+        (
+            msgpack.packb([0.0, [["AllBlocksCleared"], ["BlockStored", [1], None, [], 0]]]),
+            "events[1].block_size",
+        ),
         (msgpack.packb([0.0, [["BlockStored", [1], None, [-3], 4]]]), "events[0].token_ids"),
         (msgpack.packb([0.0, [["BlockStored", [1], None]]]), "events[0].token_ids"),
         (msgpack.packb([0.0, [["BlockRemoved", [1], 5]]]), "events[0].medium"),
@@ -160,7 +195,9 @@ def test_frames() -> None:
 
 
 def test_load_and_control_roundtrip() -> None:
-    report = wire.LoadReport("decode_1", "abc", 5.0, 10, 100, 2, 1, 64, 7, 16, "tcp://127.0.0.1:9", 12)
+    report = wire.LoadReport(
+        "decode_1", "abc", 5.0, 10, 100, 2, 1, 64, 7, 16, "tcp://127.0.0.1:9", 12
+    )
     assert wire.decode_load(wire.encode_load(report)) == report
     control = wire.WorkerControl(wire.LEAVE, "decode", "abc", 1.0, 16, "", 3)
     assert wire.decode_control(wire.encode_control(control)) == control
@@ -174,5 +211,7 @@ def test_bad_load_and_control() -> None:
         wire.decode_load(msgpack.packb({"worker_id": 3}))
     assert err.value.field == "load.worker_id"
     with pytest.raises(ValidationError) as err:
-        wire.decode_control(msgpack.packb({"kind": "dance", "worker_id": "w", "instance": "i", "ts": 1.0}))
+        wire.decode_control(
+            msgpack.packb({"kind": "dance", "worker_id": "w", "instance": "i", "ts": 1.0})
+        )
     assert err.value.field == "control.kind"

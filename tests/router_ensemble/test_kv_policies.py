@@ -19,7 +19,9 @@ from router_ensemble.routing_config import RouterConfig
 from trident.errors import ConfigError
 
 
-def cand(worker: str, overlap: int = 0, active: int = 0, prefill: int = 0, waiting: int = 0) -> Candidate:
+def cand(
+    worker: str, overlap: int = 0, active: int = 0, prefill: int = 0, waiting: int = 0
+) -> Candidate:
     return Candidate(worker, overlap, WorkerLoad(active, prefill, waiting=waiting))
 
 
@@ -35,9 +37,17 @@ def test_kv_prefers_overlap_then_load() -> None:
     # b's cache saves 8 blocks but it is 20 blocks busier: a wins
     assert policy.select([cand("a", 0, active=0), cand("b", 8, active=20)], 10).worker_id == "a"
     # a heavier overlap weight flips it
-    assert KvPolicy(overlap_weight=3.0).select([cand("a", 0), cand("b", 8, active=20)], 10).worker_id == "b"
+    assert (
+        KvPolicy(overlap_weight=3.0).select([cand("a", 0), cand("b", 8, active=20)], 10).worker_id
+        == "b"
+    )
     # weight 0: pure decode load
-    assert KvPolicy(overlap_weight=0.0).select([cand("a", 9, active=5), cand("b", 0, active=4)], 10).worker_id == "b"
+    assert (
+        KvPolicy(overlap_weight=0.0)
+        .select([cand("a", 9, active=5), cand("b", 0, active=4)], 10)
+        .worker_id
+        == "b"
+    )
 
 
 def test_ties_are_shared_reproducibly() -> None:
@@ -60,7 +70,9 @@ def test_temperature_samples_by_cost() -> None:
     assert counts["a"] / 3000 == pytest.approx(1 / (1 + 0.3679 + 0.1353), abs=0.04)
     again = KvPolicy(temperature=0.5, seed=0)
     replay = KvPolicy(temperature=0.5, seed=0)
-    assert [again.select(options, 10) for _ in range(100)] == [replay.select(options, 10) for _ in range(100)]
+    assert [again.select(options, 10) for _ in range(100)] == [
+        replay.select(options, 10) for _ in range(100)
+    ]
 
 
 def test_round_robin_random_least_loaded() -> None:
@@ -76,7 +88,12 @@ def test_round_robin_random_least_loaded() -> None:
 
 
 def test_make_policy() -> None:
-    for name, cls in (("kv", KvPolicy), ("round_robin", RoundRobin), ("random", RandomPolicy), ("least_loaded", LeastLoaded)):
+    for name, cls in (
+        ("kv", KvPolicy),
+        ("round_robin", RoundRobin),
+        ("random", RandomPolicy),
+        ("least_loaded", LeastLoaded),
+    ):
         assert isinstance(make_policy(name), cls)
     with pytest.raises(ConfigError, match="unknown routing policy 'fastest'.*least_loaded"):
         make_policy("fastest")
@@ -86,7 +103,12 @@ def test_make_policy() -> None:
 
 def test_router_config_from_mapping() -> None:
     cfg = RouterConfig.from_mapping(
-        {"policy": "least_loaded", "overlap_weight": "2.5", "kv_events": "false", "seed": "${SEED}"},
+        {
+            "policy": "least_loaded",
+            "overlap_weight": "2.5",
+            "kv_events": "false",
+            "seed": "${SEED}",
+        },
         env={"TRIDENT_ROUTER_POLICY": "random", "TRIDENT_ROUTER_BLOCK_SIZE": "32"},
     )
     assert cfg.policy == "random" and cfg.overlap_weight == 2.5 and not cfg.kv_events

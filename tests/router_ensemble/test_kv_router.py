@@ -9,7 +9,7 @@ import pytest
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
-from router_ensemble.router import KvRouter
+from router_ensemble.router import KvRouter, KvSelector
 from router_ensemble.routing_config import RouterConfig
 from trident.errors import ValidationError, WorkerUnavailable
 
@@ -26,7 +26,9 @@ class FakeClock:
         return self.now
 
 
-def make_router(workers=("decode", "decode_1", "decode_2", "decode_3"), clock=None, **cfg) -> KvRouter:
+def make_router(
+    workers=("decode", "decode_1", "decode_2", "decode_3"), clock=None, **cfg
+) -> KvRouter:
     config = RouterConfig(block_size=BS, seed=0, **cfg)
     router = KvRouter(config, clock=clock) if clock else KvRouter(config)
     for w in workers:
@@ -141,3 +143,19 @@ def test_bad_input() -> None:
         router.decide(["a"] * 20)
     with pytest.raises(ValidationError):
         router.decide()
+
+
+def test_release_ends_pending_load_and_selector_adapter() -> None:
+    clock = FakeClock()
+    router = make_router(workers=("a", "b"), clock=clock)
+    first = router.decide(PROMPT, request_id="r1")
+    assert router.loads.view(first.worker_id).active_blocks == 13
+    router.release("r1")
+    router.release("r1")  # twice is harmless
+    assert router.loads.view(first.worker_id).active_blocks == 0
+    selector = KvSelector(router, workers=lambda: ["b", "c"])  # "c": ready, never reported
+    picks = {selector.select(f"q{i}", PROMPT) for i in range(4)}
+    assert picks == {"b", "c"}
+    for i in range(4):
+        selector.release(f"q{i}")
+    assert router.loads.view("b").active_blocks == router.loads.view("c").active_blocks == 0

@@ -22,8 +22,16 @@ BS = 16
 PROMPT = list(range(500, 500 + 16 * 12))
 HASHES = hash_blocks(PROMPT, BS)
 STATS = EngineStats(
-    running=0, waiting=0, active_blocks=0, total_blocks=512, cached_blocks=0,
-    active_prefill_tokens=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, preemptions=0,
+    running=0,
+    waiting=0,
+    active_blocks=0,
+    total_blocks=512,
+    cached_blocks=0,
+    active_prefill_tokens=0,
+    prompt_tokens=0,
+    cached_prompt_tokens=0,
+    generated_tokens=0,
+    preemptions=0,
 )
 
 
@@ -31,7 +39,9 @@ def stored(hashes, parent=None) -> BlockStored:
     return BlockStored(tuple(hashes), parent, (), BS)
 
 
-def wait_until(pred: Callable[[], bool], tick: Callable[[], object] | None = None, timeout: float = 10.0) -> None:
+def wait_until(
+    pred: Callable[[], bool], tick: Callable[[], object] | None = None, timeout: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tick is not None:
@@ -134,7 +144,11 @@ def test_silent_worker_is_dropped_and_comes_back(router: KvRouter) -> None:
         wait_until(lambda: matches(router) == {"decode": 12}, tick=beat)
         assert router.decide(PROMPT).worker_id == "decode"
         # decode stops reporting; decode_1 goes on
-        wait_until(lambda: router.workers() == ["decode_1"], tick=lambda: other.report_load(STATS), timeout=5)
+        wait_until(
+            lambda: router.workers() == ["decode_1"],
+            tick=lambda: other.report_load(STATS),
+            timeout=5,
+        )
         assert matches(router) == {}
         assert all(router.decide(PROMPT).worker_id == "decode_1" for _ in range(3))
         # it reports again: back in, its cache restored by a snapshot
@@ -166,7 +180,9 @@ def test_restart_on_the_same_endpoint_replaces_the_cache(router: KvRouter, tmp_p
         second = KVEventPublisher("decode", endpoint, block_size=BS)
         try:
             second.publish([stored(HASHES[:2])])
-            wait_until(lambda: matches(router) == {"decode": 2}, tick=lambda: second.report_load(STATS))
+            wait_until(
+                lambda: matches(router) == {"decode": 2}, tick=lambda: second.report_load(STATS)
+            )
             assert sub.status("decode")["restarts"] >= 1
         finally:
             second.close()
@@ -181,12 +197,16 @@ def test_unanswered_resync_does_not_freeze_the_worker(router: KvRouter) -> None:
     try:
         with KvEventSubscriber(router) as sub:
             sub.add_worker(
-                WorkerEndpoint("vllm", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{dead_port}", "replay")
+                WorkerEndpoint(
+                    "vllm", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{dead_port}", "replay"
+                )
             )
             seq = iter(range(5, 1000))
 
             def send() -> None:  # starts at 5: the router missed 0..4 and asks for a replay
-                pub.send_multipart(wire.pack_frames(b"", next(seq), wire.encode_batch([stored(HASHES)])))
+                pub.send_multipart(
+                    wire.pack_frames(b"", next(seq), wire.encode_batch([stored(HASHES)]))
+                )
 
             wait_until(lambda: router.workers() == ["vllm"], tick=send)
             t0 = time.monotonic()
@@ -201,6 +221,8 @@ def test_unanswered_resync_does_not_freeze_the_worker(router: KvRouter) -> None:
 def test_close_is_idempotent_and_safe_before_start(router: KvRouter) -> None:
     KvEventSubscriber(router).close()
     sub = KvEventSubscriber(router).start()
-    sub.add_worker(WorkerEndpoint("w", "tcp://127.0.0.1:9"))  # nobody there: connect retries quietly
+    sub.add_worker(
+        WorkerEndpoint("w", "tcp://127.0.0.1:9")
+    )  # nobody there: connect retries quietly
     sub.close()
     sub.close()
