@@ -132,9 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    ap.add_argument("--pool-blocks", type=int, default=1024, help="blocks in each pool (default 1024)")
-    ap.add_argument("--budget-s", type=float, default=0.4, help="time per size and method (default 0.4)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--pool-blocks", type=int, default=1024, help="blocks in each pool (default 1024)"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=0.4, help="time per size and method (default 0.4)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -145,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.pool_blocks < max(SIZES):
         ap.error(f"--pool-blocks must be at least {max(SIZES)}")
     rows = run(args.device, args.pool_blocks, args.budget_s, args.seed)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
-    print(f"KV transfer, {where}: {LAYOUT.describe()}, {LAYOUT.block_nbytes / 1024:.0f} KiB per block")
-    print(f"{'blocks':>6} {'MiB':>8} {'pull GB/s':>10} {'memcpy GB/s':>12} {'% memcpy':>9} {'open us':>8}")
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"KV transfer, {where}: {LAYOUT.describe()}, {LAYOUT.block_nbytes / 1024:.0f} KiB per block"
+    )
+    print(
+        f"{'blocks':>6} {'MiB':>8} {'pull GB/s':>10} {'memcpy GB/s':>12} {'% memcpy':>9} {'open us':>8}"
+    )
     for r in rows:
         print(
             f"{r.blocks:>6} {r.bytes / 2**20:>8.1f} {r.pull_gbps:>10.2f} {r.memcpy_gbps:>12.2f} "

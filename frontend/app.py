@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -37,8 +38,9 @@ from frontend.protocol import (
     validate_completion,
 )
 from frontend.serving import Generation, ResponseShape, stream_events
-from frontend.triton_client import RouterClient
+from frontend.triton_client import RouterClient, model_id_from_path
 from trident.errors import TridentError
+from trident.model_files import resolve_model_path
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +64,7 @@ class ServedModels:
         if self.config.model_names:
             return self.config.model_names
         if not self._discovered:
-            found = await self.client.served_model_id()
+            found = await self.client.served_model_id() or _local_model_id()
             if found:
                 self._discovered = (found,)
                 logger.info("serving model id %s", found)
@@ -73,6 +75,17 @@ class ServedModels:
         if name in self.config.aliases or name in await self.advertised():
             return name
         raise model_not_found(name)
+
+
+def _local_model_id() -> str | None:
+    """The id of the model `trident serve` would load here (TRIDENT_MODEL or the default).
+
+    Used only when neither the config nor the router's config parameters name the model.
+    """
+    try:
+        return model_id_from_path(resolve_model_path(os.environ.get("TRIDENT_MODEL", "")))
+    except TridentError:
+        return None
 
 
 class SSEResponse(StreamingResponse):

@@ -2,10 +2,11 @@
 
 Block hashes are chained (`kv_manager.hashing`): the hash of block i covers every token of
 blocks 0..i, so one hash names one node of the radix tree over token blocks. The index keeps
-that tree flattened: `owners[hash] -> {worker}` (the workers holding that node) and, per
-worker, the set of its hashes (for removal). A lookup walks the prompt's hashes from the root
-and narrows the set of workers still matching, so `find_matches` costs O(prompt blocks) set
-operations on at most the live workers, whatever the size of the index.
+that tree flattened: `owners[hash]` is a bitmask of the workers holding that node (each
+worker gets a bit), and each worker keeps its own hashes (for removal). A lookup walks the
+prompt's hashes from the root, AND-ing masks until no worker is left, so `find_matches` costs
+one dict lookup and one integer AND per prompt block, whatever the size of the index. Masks
+are plain ints, so the index adds nothing for the garbage collector to traverse.
 
 A worker's block can sit in several tiers at once (vLLM publishes a `medium` per event: GPU,
 CPU, ...); it stays in the index while any tier holds it.
@@ -32,6 +33,15 @@ _OTHER_MEDIUM = 8
 _ASSUMED = 16  # approximate mode: assumed cached by the router itself
 
 
+class _Worker:
+    __slots__ = ("worker_id", "bit", "blocks")
+
+    def __init__(self, worker_id: str, bit: int) -> None:
+        self.worker_id = worker_id
+        self.bit = bit
+        self.blocks: dict[int, int] = {}  # hash -> tier bits
+
+
 class KvIndex:
     """Per-worker sets of cached block hashes with prefix matching.
 
@@ -54,8 +64,10 @@ class KvIndex:
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._owners: dict[int, set[str]] = {}
-        self._blocks: dict[str, dict[int, int]] = {}  # worker -> hash -> tier bits
+        self._owners: dict[int, int] = {}  # hash -> bitmask of workers
+        self._workers: dict[str, _Worker] = {}
+        self._by_slot: dict[int, _Worker] = {}  # bit position -> worker
+        self._free_slots: list[int] = []
         self._expiry: OrderedDict[tuple[str, int], float] = OrderedDict()  # oldest first
 
     # ------------------------------------------------------------ updates
@@ -65,18 +77,18 @@ class KvIndex:
 
     def apply_events(self, worker_id: str, events: Iterable[KVEvent]) -> None:
         with self._lock:
-            blocks = self._blocks.setdefault(worker_id, {})
+            worker = self._worker(worker_id)
             for event in events:
                 if isinstance(event, BlockStored):
-                    bit = _MEDIUM_BITS.get(event.medium, _OTHER_MEDIUM)
+                    tier = _MEDIUM_BITS.get(event.medium, _OTHER_MEDIUM)
                     for block_hash in event.block_hashes:
-                        self._add(worker_id, blocks, block_hash, bit)
+                        self._add(worker, block_hash, tier)
                 elif isinstance(event, BlockRemoved):
-                    bit = _MEDIUM_BITS.get(event.medium, _OTHER_MEDIUM)
+                    tier = _MEDIUM_BITS.get(event.medium, _OTHER_MEDIUM)
                     for block_hash in event.block_hashes:
-                        self._drop(worker_id, blocks, block_hash, bit)
+                        self._drop(worker, block_hash, tier)
                 elif isinstance(event, AllBlocksCleared):
-                    self._clear(worker_id, blocks)
+                    self._clear(worker)
                 else:
                     logger.warning(
                         "kv index worker=%s: ignored %r", worker_id, type(event).__name__
@@ -86,10 +98,10 @@ class KvIndex:
         """Approximate mode: record that `worker_id` now holds these blocks, for `ttl_s`."""
         expires = self._clock() + self.ttl_s
         with self._lock:
-            blocks = self._blocks.setdefault(worker_id, {})
+            worker = self._worker(worker_id)
             expiry = self._expiry
             for block_hash in block_hashes:
-                self._add(worker_id, blocks, block_hash, _ASSUMED)
+                self._add(worker, block_hash, _ASSUMED)
                 key = (worker_id, block_hash)
                 expiry[key] = expires
                 expiry.move_to_end(key)
@@ -97,18 +109,21 @@ class KvIndex:
     def clear_worker(self, worker_id: str) -> None:
         """Forget the worker's blocks but keep it known (AllBlocksCleared, resync)."""
         with self._lock:
-            blocks = self._blocks.get(worker_id)
-            if blocks is not None:
-                self._clear(worker_id, blocks)
+            worker = self._workers.get(worker_id)
+            if worker is not None:
+                self._clear(worker)
 
     def remove_worker(self, worker_id: str) -> int:
         """Drop a worker and all its entries; returns how many blocks it held."""
         with self._lock:
-            blocks = self._blocks.pop(worker_id, None)
-            if blocks is None:
+            worker = self._workers.pop(worker_id, None)
+            if worker is None:
                 return 0
-            count = len(blocks)
-            self._clear(worker_id, blocks)
+            count = len(worker.blocks)
+            self._clear(worker)
+            slot = worker.bit.bit_length() - 1
+            del self._by_slot[slot]
+            self._free_slots.append(slot)
             return count
 
     def prune(self) -> int:
@@ -128,77 +143,96 @@ class KvIndex:
         with self._lock:
             if self._expiry:
                 self._prune_locked()
-            owners = self._owners
-            first = owners.get(block_hashes[0])
-            if not first:
-                return matched
-            active = set(first) if candidates is None else first.intersection(candidates)
-            for depth, block_hash in enumerate(block_hashes):
-                holders = owners.get(block_hash)
-                if holders is None:
-                    break
-                if active <= holders:
-                    continue
-                for worker in active.difference(holders):
-                    matched[worker] = depth
-                active.intersection_update(holders)
-                if not active:
-                    return matched
+            if candidates is None:
+                mask = -1
             else:
-                depth = len(block_hashes)
-            for worker in active:
-                matched[worker] = depth
+                workers = self._workers
+                mask = 0
+                for worker_id in candidates:
+                    worker = workers.get(worker_id)
+                    if worker is not None:
+                        mask |= worker.bit
+                if not mask:
+                    return matched
+            owners = self._owners
+            depth = 0
+            for block_hash in block_hashes:
+                held = owners.get(block_hash, 0) & mask
+                if held != mask:
+                    if depth:
+                        self._record(matched, mask & ~held, depth)
+                    mask = held
+                    if not mask:
+                        return matched
+                depth += 1
+            self._record(matched, mask, depth)
         return matched
 
     def workers(self) -> list[str]:
         with self._lock:
-            return list(self._blocks)
+            return list(self._workers)
 
     def num_blocks(self, worker_id: str | None = None) -> int:
         """Blocks held by one worker, or distinct hashes in the whole index."""
         with self._lock:
             if worker_id is None:
                 return len(self._owners)
-            return len(self._blocks.get(worker_id, ()))
+            worker = self._workers.get(worker_id)
+            return 0 if worker is None else len(worker.blocks)
 
     def contains(self, worker_id: str, block_hash: int) -> bool:
         with self._lock:
-            return block_hash in self._blocks.get(worker_id, ())
+            worker = self._workers.get(worker_id)
+            return worker is not None and block_hash in worker.blocks
 
     # ------------------------------------------------------------ internals (lock held)
 
-    def _add(self, worker_id: str, blocks: dict[int, int], block_hash: int, bit: int) -> None:
+    def _worker(self, worker_id: str) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            slot = self._free_slots.pop() if self._free_slots else len(self._by_slot)
+            worker = _Worker(worker_id, 1 << slot)
+            self._workers[worker_id] = worker
+            self._by_slot[slot] = worker
+        return worker
+
+    def _record(self, matched: dict[str, int], mask: int, depth: int) -> None:
+        by_slot = self._by_slot
+        while mask:
+            low = mask & -mask
+            matched[by_slot[low.bit_length() - 1].worker_id] = depth
+            mask ^= low
+
+    def _add(self, worker: _Worker, block_hash: int, tier: int) -> None:
+        blocks = worker.blocks
         bits = blocks.get(block_hash, 0)
         if not bits:
-            holders = self._owners.get(block_hash)
-            if holders is None:
-                self._owners[block_hash] = {worker_id}
-            else:
-                holders.add(worker_id)
-        blocks[block_hash] = bits | bit
+            self._owners[block_hash] = self._owners.get(block_hash, 0) | worker.bit
+        blocks[block_hash] = bits | tier
 
-    def _drop(self, worker_id: str, blocks: dict[int, int], block_hash: int, bit: int) -> None:
-        bits = blocks.get(block_hash, 0) & ~bit
+    def _drop(self, worker: _Worker, block_hash: int, tier: int) -> None:
+        blocks = worker.blocks
+        bits = blocks.get(block_hash, 0)
+        if not bits:
+            return
+        bits &= ~tier
         if bits:
             blocks[block_hash] = bits
             return
-        if blocks.pop(block_hash, None) is None:
-            return
-        holders = self._owners.get(block_hash)
-        if holders is not None:
-            holders.discard(worker_id)
-            if not holders:
-                del self._owners[block_hash]
+        del blocks[block_hash]
+        self._unown(block_hash, worker.bit)
 
-    def _clear(self, worker_id: str, blocks: dict[int, int]) -> None:
-        owners = self._owners
-        for block_hash in blocks:
-            holders = owners.get(block_hash)
-            if holders is not None:
-                holders.discard(worker_id)
-                if not holders:
-                    del owners[block_hash]
-        blocks.clear()
+    def _unown(self, block_hash: int, bit: int) -> None:
+        rest = self._owners.get(block_hash, 0) & ~bit
+        if rest:
+            self._owners[block_hash] = rest
+        else:
+            self._owners.pop(block_hash, None)
+
+    def _clear(self, worker: _Worker) -> None:
+        for block_hash in worker.blocks:
+            self._unown(block_hash, worker.bit)
+        worker.blocks.clear()
         # Stale expiry keys are skipped by _prune_locked (the block is gone or re-assumed).
 
     def _prune_locked(self) -> int:
@@ -210,8 +244,8 @@ class KvIndex:
             if when > now:
                 break
             expiry.popitem(last=False)
-            blocks = self._blocks.get(worker_id)
-            if blocks is not None and blocks.get(block_hash, 0) & _ASSUMED:
-                self._drop(worker_id, blocks, block_hash, _ASSUMED)
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.blocks.get(block_hash, 0) & _ASSUMED:
+                self._drop(worker, block_hash, _ASSUMED)
                 expired += 1
         return expired

@@ -34,7 +34,7 @@ def coalesce(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, 
     runs: list[tuple[int, int, int]] = []
     s0 = d0 = -2
     n = 0
-    for s, d in zip(src_ids, dst_ids):
+    for s, d in zip(src_ids, dst_ids, strict=True):
         if n and s == s0 + n and d == d0 + n:
             n += 1
             continue
@@ -80,7 +80,9 @@ class BlockCopier:
         if src.is_cuda and src.device != dst.device:
             torch.cuda.current_stream(src.device).synchronize()
 
-    def _copy_cpu(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
+    def _copy_cpu(
+        self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]]
+    ) -> None:
         bn = src.stride(0) * src.element_size()
         sp, dp = src.data_ptr(), dst.data_ptr()
         pieces: list[tuple[int, int, int]] = []

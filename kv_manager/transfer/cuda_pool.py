@@ -42,7 +42,9 @@ class CudaPool:
         self.device = device
         self.pool_id = secrets.token_hex(16)
         self.closed = False
-        self.tensor = torch.zeros(layout.pool_shape(num_blocks), dtype=torch_dtype(layout), device=device)
+        self.tensor = torch.zeros(
+            layout.pool_shape(num_blocks), dtype=torch_dtype(layout), device=device
+        )
         self._handle: bytes | None = None
         register_local(self.pool_id, self)
 

@@ -73,7 +73,11 @@ def decode_descriptor(data: bytes) -> KVDescriptor:
     fingerprint = _get(body, "fingerprint", str)
     lease_id = _get(body, "lease_id", str)
     worker_id = _get(body, "worker_id", str)
-    for name, value in (("fingerprint", fingerprint), ("lease_id", lease_id), ("worker_id", worker_id)):
+    for name, value in (
+        ("fingerprint", fingerprint),
+        ("lease_id", lease_id),
+        ("worker_id", worker_id),
+    ):
         if not value or len(value) > 256:
             raise KVTransferError(f"kv descriptor.{name}: must be 1 to 256 characters")
     return KVDescriptor(

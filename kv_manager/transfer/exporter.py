@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -72,7 +73,7 @@ class KVExporterImpl:
         self._fingerprint = layout.fingerprint()
         self._leases = LeaseTable()
         self._closed = False
-        self._dir: str | None = None
+        self._dir_finalizer: weakref.finalize | None = None
         self._sock = zmq.Context.instance().socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -84,8 +85,10 @@ class KVExporterImpl:
 
     def _bind(self, transport: str) -> str:
         if transport == "ipc":
-            self._dir = tempfile.mkdtemp(prefix="trident_kvrel_")  # mode 0700
-            path = os.path.join(self._dir, "release")
+            tmp = tempfile.mkdtemp(prefix="trident_kvrel_")  # mode 0700
+            # Removed by close(), or when this object is collected or the interpreter exits.
+            self._dir_finalizer = weakref.finalize(self, shutil.rmtree, tmp, True)
+            path = os.path.join(tmp, "release")
             if len(path) <= _MAX_IPC_PATH:
                 addr = f"ipc://{path}"
                 self._sock.bind(addr)
@@ -121,12 +124,20 @@ class KVExporterImpl:
             release_addr=self.release_addr,
         )
         log.debug(
-            "worker=%s request_id=%s: leased %d blocks as %s", self.worker_id, request_id, len(ids), lease_id
+            "worker=%s request_id=%s: leased %d blocks as %s",
+            self.worker_id,
+            request_id,
+            len(ids),
+            lease_id,
         )
         return encode_descriptor(desc)
 
     def _check_export(
-        self, request_id: str, block_ids: Sequence[int], num_tokens: int, block_hashes: Sequence[int]
+        self,
+        request_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        block_hashes: Sequence[int],
     ) -> tuple[int, ...]:
         ids = tuple(block_ids)
         n = self._memory.num_blocks
@@ -136,7 +147,9 @@ class KVExporterImpl:
             if not isinstance(b, int) or not 0 <= b < n:
                 raise KVTransferError(f"request_id={request_id}: block_ids: {b!r} not in [0, {n})")
         if not isinstance(num_tokens, int) or num_tokens <= 0:
-            raise KVTransferError(f"request_id={request_id}: num_tokens must be positive, got {num_tokens!r}")
+            raise KVTransferError(
+                f"request_id={request_id}: num_tokens must be positive, got {num_tokens!r}"
+            )
         if len(ids) * self.layout.block_size < num_tokens:
             raise KVTransferError(
                 f"request_id={request_id}: num_tokens: {num_tokens} tokens do not fit in "
@@ -166,13 +179,20 @@ class KVExporterImpl:
                 break
             lease = self._leases.release(msg.decode("ascii", "replace"))
             if lease is None:
-                log.debug("worker=%s: release of unknown or already freed lease %r", self.worker_id, msg[:64])
+                log.debug(
+                    "worker=%s: release of unknown or already freed lease %r",
+                    self.worker_id,
+                    msg[:64],
+                )
                 continue
             freed.append(list(lease.block_ids))
         for lease in self._leases.expire(time.monotonic()):
             log.warning(
                 "worker=%s request_id=%s: KV lease %s expired unreleased; freeing %d blocks",
-                self.worker_id, lease.request_id, lease.lease_id, len(lease.block_ids),
+                self.worker_id,
+                lease.request_id,
+                lease.lease_id,
+                len(lease.block_ids),
             )
             freed.append(list(lease.block_ids))
         return freed
@@ -192,6 +212,5 @@ class KVExporterImpl:
         if dropped:
             log.info("worker=%s: closing with %d live KV leases", self.worker_id, len(dropped))
         self._sock.close(linger=0)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._dir_finalizer is not None:
+            self._dir_finalizer()

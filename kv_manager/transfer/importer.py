@@ -48,7 +48,9 @@ class KVImporterImpl:
     `close()` (idempotent) unmaps and closes everything.
     """
 
-    def __init__(self, layout: KVLayout, *, copy_threads: int | None = None, max_peers: int = 32) -> None:
+    def __init__(
+        self, layout: KVLayout, *, copy_threads: int | None = None, max_peers: int = 32
+    ) -> None:
         self.layout = layout
         self._fingerprint = layout.fingerprint()
         self._dtype = torch_dtype(layout)
@@ -65,7 +67,10 @@ class KVImporterImpl:
         self._check_open()
         desc = decode_descriptor(descriptor)
         handle = self._parse_handle(desc.pool_handle)
-        if desc.fingerprint != self._fingerprint or handle.layout.fingerprint() != self._fingerprint:
+        if (
+            desc.fingerprint != self._fingerprint
+            or handle.layout.fingerprint() != self._fingerprint
+        ):
             raise KVTransferError(
                 f"KV layout mismatch: worker {desc.worker_id} has {handle.layout.describe()} "
                 f"(fingerprint {desc.fingerprint}), this worker has {self.layout.describe()} "
@@ -102,7 +107,9 @@ class KVImporterImpl:
         if len(set(dst_block_ids)) != len(dst_block_ids):
             raise KVTransferError("dst_block_ids: a block appears twice")
         if time.time() >= desc.lease_expiry:
-            raise KVTransferError(f"KV lease {desc.lease_id} of worker {desc.worker_id} has expired")
+            raise KVTransferError(
+                f"KV lease {desc.lease_id} of worker {desc.worker_id} has expired"
+            )
         self._copier.copy(peer.tensor, dst_pool, desc.block_ids, dst_block_ids)
         if time.time() >= desc.lease_expiry:
             # The exporter frees only after a grace period, but past the expiry there is no
@@ -148,7 +155,9 @@ class KVImporterImpl:
         except zmq.ZMQError as e:
             log.warning(
                 "worker=%s: could not release KV lease %s (%s); it will expire",
-                desc.worker_id, desc.lease_id, e,
+                desc.worker_id,
+                desc.lease_id,
+                e,
             )
 
     def close(self) -> None:

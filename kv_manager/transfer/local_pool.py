@@ -49,10 +49,14 @@ class LocalPool:
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
-        self.tensor = torch.zeros(layout.pool_shape(num_blocks), dtype=torch_dtype(layout), device=device)
+        self.tensor = torch.zeros(
+            layout.pool_shape(num_blocks), dtype=torch_dtype(layout), device=device
+        )
         self.pool_id = secrets.token_hex(16)
         self.closed = False
-        self._handle = encode_handle(PoolHandle("local", self.pool_id, os.getpid(), layout, num_blocks))
+        self._handle = encode_handle(
+            PoolHandle("local", self.pool_id, os.getpid(), layout, num_blocks)
+        )
         register_local(self.pool_id, self)
 
     def handle(self) -> bytes:

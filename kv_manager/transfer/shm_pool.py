@@ -13,6 +13,7 @@ tensor view of them remains — at once when the engine has let go of the tensor
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import logging
 import mmap
@@ -21,7 +22,6 @@ import secrets
 import warnings
 import weakref
 
-import _posixshmem
 import torch
 
 from kv_manager.layout import KVLayout
@@ -70,7 +70,9 @@ class ShmPool:
             PoolHandle("shm", self.pool_id, os.getpid(), layout, num_blocks, shm_name=self.name)
         )
         register_local(self.pool_id, self)
-        log.debug("created shm KV pool %s (%d blocks, %.1f MiB)", self.name, num_blocks, nbytes / 2**20)
+        log.debug(
+            "created shm KV pool %s (%d blocks, %.1f MiB)", self.name, num_blocks, nbytes / 2**20
+        )
 
     def handle(self) -> bytes:
         return self._handle

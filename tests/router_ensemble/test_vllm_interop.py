@@ -51,7 +51,9 @@ def test_vllm_publisher_process_feeds_the_index() -> None:
         assert proc.stdout is not None and proc.stdin is not None
         endpoints = json.loads(proc.stdout.readline())
         sub.add_worker(
-            WorkerEndpoint("vllm-0", endpoints["events"], endpoints["replay"], resync="replay", hashes="tokens")
+            WorkerEndpoint(
+                "vllm-0", endpoints["events"], endpoints["replay"], resync="replay", hashes="tokens"
+            )
         )
         hashes_a, hashes_b = hash_blocks(PROMPT_A, BS), hash_blocks(PROMPT_B, BS)
         wait_until(lambda: router.index.find_matches(hashes_a) == {"vllm-0": 6})

@@ -34,7 +34,9 @@ def vllm_hashes(tokens: list[int], parent: int | None) -> list[int]:
     """Chained sha256 block hashes, folded to signed int64 (not the router's scheme)."""
     out = []
     for i in range(0, len(tokens), BLOCK_SIZE):
-        data = struct.pack("<q", parent or 0) + struct.pack(f"<{BLOCK_SIZE}I", *tokens[i : i + BLOCK_SIZE])
+        data = struct.pack("<q", parent or 0) + struct.pack(
+            f"<{BLOCK_SIZE}I", *tokens[i : i + BLOCK_SIZE]
+        )
         parent = struct.unpack(">q", hashlib.sha256(data).digest()[:8])[0]
         out.append(parent)
     return out
@@ -46,7 +48,12 @@ def main() -> int:
     replay = ctx.socket(zmq.ROUTER)
     pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
     replay_port = replay.bind_to_random_port("tcp://127.0.0.1")
-    print(json.dumps({"events": f"tcp://127.0.0.1:{pub_port}", "replay": f"tcp://127.0.0.1:{replay_port}"}), flush=True)
+    print(
+        json.dumps(
+            {"events": f"tcp://127.0.0.1:{pub_port}", "replay": f"tcp://127.0.0.1:{replay_port}"}
+        ),
+        flush=True,
+    )
     if not pub.poll(30_000):
         return 2
     pub.recv()  # the subscription
@@ -55,13 +62,38 @@ def main() -> int:
     hb = vllm_hashes(PROMPT_B[2 * BLOCK_SIZE :], ha[1])
     batches = [
         # current array layout: block_hashes, parent, token_ids, block_size, lora_id, medium
-        [time.time(), [["BlockStored", ha[:4], None, PROMPT_A[: 4 * BLOCK_SIZE], BLOCK_SIZE, None, "GPU"]], 0],
-        [time.time(), [["BlockStored", ha[4:], ha[3], PROMPT_A[4 * BLOCK_SIZE :], BLOCK_SIZE, None, "GPU"]], 0],
+        [
+            time.time(),
+            [["BlockStored", ha[:4], None, PROMPT_A[: 4 * BLOCK_SIZE], BLOCK_SIZE, None, "GPU"]],
+            0,
+        ],
+        [
+            time.time(),
+            [["BlockStored", ha[4:], ha[3], PROMPT_A[4 * BLOCK_SIZE :], BLOCK_SIZE, None, "GPU"]],
+            0,
+        ],
         # an older release: no medium, no data_parallel_rank
         [time.time(), [["BlockStored", hb, ha[1], PROMPT_B[2 * BLOCK_SIZE :], BLOCK_SIZE, None]]],
         [time.time(), [["BlockRemoved", ha[6:], "GPU"]], 0],  # "lost" on the live stream
         # a newer release: trailing lora_name, extra_keys, group_idx, ...
-        [time.time(), [["BlockStored", [12345], None, [7] * BLOCK_SIZE, BLOCK_SIZE, None, "GPU", None, None, 0]], 0],
+        [
+            time.time(),
+            [
+                [
+                    "BlockStored",
+                    [12345],
+                    None,
+                    [7] * BLOCK_SIZE,
+                    BLOCK_SIZE,
+                    None,
+                    "GPU",
+                    None,
+                    None,
+                    0,
+                ]
+            ],
+            0,
+        ],
     ]
     buffer = [(seq, msgpack.packb(batch)) for seq, batch in enumerate(batches)]
     for seq, payload in buffer:

@@ -39,14 +39,18 @@ def prefill_main(conn, layout_args, num_blocks: int, device: str, seed: int) -> 
     pool.tensor.copy_(noise)
     exporters = {
         "long": KVExporterImpl(pool, layout, "prefill-long", 60.0),
-        "short": KVExporterImpl(pool, layout, "prefill-short", SHORT_TTL_S, expiry_grace_s=SHORT_GRACE_S),
+        "short": KVExporterImpl(
+            pool, layout, "prefill-short", SHORT_TTL_S, expiry_grace_s=SHORT_GRACE_S
+        ),
     }
     conn.send(("ready", os.getpid(), getattr(pool, "name", "")))
     while True:
         cmd, *args = conn.recv()
         if cmd == "export":
             which, ids, num_tokens, hashes = args
-            conn.send(exporters[which].export(f"req-{time.monotonic_ns()}", ids, num_tokens, hashes))
+            conn.send(
+                exporters[which].export(f"req-{time.monotonic_ns()}", ids, num_tokens, hashes)
+            )
         elif cmd == "poll":
             conn.send(exporters[args[0]].poll_released())
         elif cmd == "held":

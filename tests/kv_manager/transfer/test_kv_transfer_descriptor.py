@@ -67,7 +67,9 @@ def test_bad_fields_are_named(changes, field):
         decode_descriptor(_body(**changes))
 
 
-@pytest.mark.parametrize("raw", [b"", b"\x09" + b"x", b"\x01\xc1garbage", b"\x01\x93\x01\x02\x03", "str"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"\x09" + b"x", b"\x01\xc1garbage", b"\x01\x93\x01\x02\x03", "str"]
+)
 def test_garbage_is_refused(raw):
     with pytest.raises(KVTransferError, match="descriptor"):
         decode_descriptor(raw)

@@ -63,7 +63,12 @@ def test_release_reaches_the_exporter(pool, importer, transport):
         assert exporter.release_addr.startswith(f"{transport}://")
         raw = exporter.export("r1", [3, 4, 9], 10, [11, 12])
         desc = importer.open(raw)
-        assert (desc.worker_id, desc.block_ids, desc.num_tokens, desc.block_hashes) == ("p0", (3, 4, 9), 10, (11, 12))
+        assert (desc.worker_id, desc.block_ids, desc.num_tokens, desc.block_hashes) == (
+            "p0",
+            (3, 4, 9),
+            10,
+            (11, 12),
+        )
         assert exporter.held_blocks() == 3
         dst = torch.zeros(LAYOUT.pool_shape(4), dtype=torch.bfloat16)
         importer.pull(desc, dst, [2, 0, 1])

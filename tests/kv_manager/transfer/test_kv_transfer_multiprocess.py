@@ -11,12 +11,11 @@ import time
 
 import pytest
 import torch
+from kv_peer import LAYOUT_ARGS, block_bytes, decode_open_then_hang, prefill_main
 
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVImporterImpl, decode_descriptor
 from trident.errors import KVTransferError
-
-from kv_peer import LAYOUT_ARGS, block_bytes, decode_open_then_hang, prefill_main
 
 torch.set_num_threads(1)
 
@@ -170,7 +169,9 @@ def test_unpulled_lease_expires_and_frees_its_blocks(peer):
 
 def test_killed_decode_leaves_no_stranded_blocks(peer):
     conn, child = CTX.Pipe()
-    proc = CTX.Process(target=decode_open_then_hang, args=(child, LAYOUT_ARGS, peer.device), daemon=True)
+    proc = CTX.Process(
+        target=decode_open_then_hang, args=(child, LAYOUT_ARGS, peer.device), daemon=True
+    )
     proc.start()
     child.close()
     try:

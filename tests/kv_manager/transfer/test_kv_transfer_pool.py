@@ -39,7 +39,9 @@ def test_shareable_cpu_pool_is_private_shared_memory():
     b = allocate_pool(LAYOUT, 6, "cpu", shareable=True)
     try:
         assert isinstance(a, ShmPool) and a.name != b.name
-        assert a.name.startswith(f"trident_kv_{os.getpid()}_") and len(a.name.rsplit("_", 1)[1]) == 32
+        assert (
+            a.name.startswith(f"trident_kv_{os.getpid()}_") and len(a.name.rsplit("_", 1)[1]) == 32
+        )
         st = os.stat(_shm_path(a))
         assert stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_size == 6 * LAYOUT.block_nbytes
@@ -47,7 +49,10 @@ def test_shareable_cpu_pool_is_private_shared_memory():
         a.tensor[3].fill_(1.5)  # writable, and the bytes land in the segment
         with open(_shm_path(a), "rb") as f:
             f.seek(3 * LAYOUT.block_nbytes)
-            assert f.read(2) == torch.tensor([1.5], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+            assert (
+                f.read(2)
+                == torch.tensor([1.5], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+            )
         h = decode_handle(a.handle())
         assert (h.kind, h.shm_name, h.num_blocks, h.layout) == ("shm", a.name, 6, LAYOUT)
     finally:
@@ -84,14 +89,23 @@ def test_too_little_shared_memory_is_a_clear_config_error(monkeypatch):
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(ConfigError, match=r"num_blocks: .*shm-size"):
         allocate_pool(LAYOUT, 4, "cpu", shareable=True)
-    leaked = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith(f"trident_kv_{os.getpid()}_")]
+    leaked = [
+        n
+        for n in set(os.listdir("/dev/shm")) - before
+        if n.startswith(f"trident_kv_{os.getpid()}_")
+    ]
     assert not leaked
 
 
 @pytest.mark.parametrize(
     ("num_blocks", "device", "field"),
-    [(0, "cpu", "num_blocks"), (-3, "cpu", "num_blocks"), (2.0, "cpu", "num_blocks"),
-     (2, "tpu", "device"), (2, "meta", "device")],
+    [
+        (0, "cpu", "num_blocks"),
+        (-3, "cpu", "num_blocks"),
+        (2.0, "cpu", "num_blocks"),
+        (2, "tpu", "device"),
+        (2, "meta", "device"),
+    ],
 )
 def test_bad_arguments_name_the_field(num_blocks, device, field):
     with pytest.raises(ConfigError, match=field):
