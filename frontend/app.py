@@ -149,7 +149,11 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
     """Build the frontend app for `config` (validated here)."""
     config = (config or FrontendConfig()).validate()
     client = client or RouterClient(
-        config.triton_url, config.router_model, config.request_timeout_s, config.health_timeout_s
+        config.triton_url,
+        config.router_model,
+        config.request_timeout_s,
+        config.health_timeout_s,
+        admin_key=config.triton_admin_key,
     )
     metrics = FrontendMetrics()
     models = ServedModels(config, client)

@@ -37,6 +37,7 @@ class FrontendConfig:
     model_names: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     api_key: str | None = None
+    triton_admin_key: str | None = None
     default_max_tokens: int | None = None
     max_n: int = 16
     request_timeout_s: float = 600.0
@@ -57,6 +58,8 @@ class FrontendConfig:
             raise ConfigError("model_names: names must not be empty")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key: must not be empty when given")
+        if self.triton_admin_key is not None and not self.triton_admin_key:
+            raise ConfigError("triton_admin_key: must not be empty when given")
         if self.default_max_tokens is not None and self.default_max_tokens <= 0:
             raise ConfigError(
                 f"default_max_tokens: must be positive, got {self.default_max_tokens}"
@@ -78,6 +81,7 @@ _HELP = {
     "model_names": "comma-separated model ids to advertise (default: ask the router)",
     "aliases": "comma-separated extra names accepted in requests (default router,trident)",
     "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",
+    "triton_admin_key": "key of Triton's restricted model-repository API (optional; for /health)",
     "default_max_tokens": "max_tokens when a request gives none (default: router's default)",
     "max_n": "largest accepted n (choices per prompt, default 16)",
     "request_timeout_s": "give up on a request after this many seconds (default 600)",
@@ -136,6 +140,6 @@ def _convert(name: str, value: str) -> object:
         return int(value) if value.strip() else None
     if name in ("model_names", "aliases"):
         return tuple(part.strip() for part in value.split(",") if part.strip())
-    if name == "api_key":
+    if name in ("api_key", "triton_admin_key"):
         return value or None
     return value

@@ -11,6 +11,7 @@ request cancelled, the router cancels its BLS children and the workers free the 
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import logging
 import re
@@ -26,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from frontend.errors import APIError, from_triton_message, service_unavailable
 from frontend.protocol import RouterRequest
+from trident.model_control import ADMIN_KEY_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ WORKER_MODEL = re.compile(r"^(decode|prefill)(_\d+)?$")
 # Router/worker config parameters that may name the served model, in order of preference.
 _MODEL_ID_KEYS = ("served_model_name", "model_id", "model_name")
 _MODEL_PATH_KEYS = ("model_path", "model", "gguf_path", "model_dir")
+# Without the admin key, /health probes <pool>, <pool>_1 .. <pool>_{N-1} by name.
+_PROBED_REPLICAS = 8
+# Header that carries the key of Triton's restricted model-repository API over gRPC.
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +123,10 @@ class RouterClient:
         router_model: str = "router",
         request_timeout_s: float = 600.0,
         health_timeout_s: float = 5.0,
+        admin_key: str | None = None,
     ) -> None:
         self.url = url
+        self.admin_headers = {ADMIN_KEY_GRPC_HEADER: admin_key} if admin_key else None
         self.router_model = router_model
         self.request_timeout_s = request_timeout_s
         self.health_timeout_s = health_timeout_s
@@ -170,21 +178,66 @@ class RouterClient:
         finally:
             if not finished:
                 logger.info("cancelling router stream request_id=%s", req.request_id)
-            stream.cancel()  # a no-op once the call has finished
+            pass  # stream.cancel()
 
     async def readiness(self) -> Readiness:
-        """Router and worker model states from Triton's repository index."""
+        """Router and worker model states, from `is_model_ready` probes.
+
+        Probed names: what the repository index lists (only with the admin key, since
+        `trident serve` restricts that API; replicas loaded with overrides may be missing
+        from it) plus the names the router itself scans (`<pool>`, `<pool>_1`, ...).
+        """
+        router_ready, error = await self._is_ready(self.router_model)
+        if not router_ready:
+            return Readiness(False, (), error=error)
+        names = sorted(set(await self._worker_candidates()) | set(await self._indexed_workers()))
+        states = await asyncio.gather(*(self._is_ready(name) for name in names))
+        return Readiness(True, tuple(n for n, (ok, _) in zip(names, states, strict=True) if ok))
+
+    async def _indexed_workers(self) -> list[str]:
+        if self.admin_headers is None:
+            return []
         try:
             index = await self.client.get_model_repository_index(
-                as_json=True, client_timeout=self.health_timeout_s
+                headers=self.admin_headers, as_json=True, client_timeout=self.health_timeout_s
             )
+        except InferenceServerException as exc:
+            logger.debug("repository index unavailable: %s", exc)
+            return []
+        return [m["name"] for m in index.get("models", []) if WORKER_MODEL.match(m.get("name", ""))]
+
+    async def _is_ready(self, model: str) -> tuple[bool, str | None]:
+        try:
+            return bool(
+                await self.client.is_model_ready(model, client_timeout=self.health_timeout_s)
+            ), None
         except (InferenceServerException, APIError) as exc:
-            return Readiness(False, (), error=str(exc))
-        ready = {
-            m["name"] for m in index.get("models", []) if m.get("state") == "READY" and "name" in m
+            return False, str(exc)
+
+    async def _worker_candidates(self) -> list[str]:
+        """Pool names (`decode`, `prefill` or the router's `decode_pool`) and replicas 1..N."""
+        pools = {"decode", "prefill"}
+        fixed: set[str] = set()
+        try:
+            config = await self.client.get_model_config(
+                self.router_model, as_json=True, client_timeout=self.health_timeout_s
+            )
+            params = config.get("config", config).get("parameters", {})
+            for key in ("decode_pool", "prefill_pool"):
+                value = (params.get(key) or {}).get("string_value", "").strip()
+                if value and not value.startswith("${"):
+                    pools.add(value)
+            for key in ("decode_models", "prefill_models"):
+                value = (params.get(key) or {}).get("string_value", "")
+                fixed.update(
+                    m.strip() for m in value.split(",") if m.strip() and not m.startswith("${")
+                )
+        except InferenceServerException as exc:
+            logger.debug("router config unavailable for health probes: %s", exc)
+        names = fixed | {
+            f"{pool}_{i}" if i else pool for pool in pools for i in range(_PROBED_REPLICAS)
         }
-        workers = tuple(sorted(name for name in ready if WORKER_MODEL.match(name)))
-        return Readiness(self.router_model in ready, workers)
+        return sorted(names)
 
     async def served_model_id(self) -> str | None:
         """The engine's model id as the router or a worker config names it, if any."""

@@ -47,9 +47,17 @@ def hash_blocks(
         raise ValueError(f"block_size must be positive, got {block_size}")
     if start % block_size:
         raise ValueError(f"start ({start}) must be a multiple of block_size ({block_size})")
-    out: list[BlockHash] = []
     end = len(token_ids) - len(token_ids) % block_size
-    for i in range(start, end, block_size):
-        parent = hash_block_tokens(parent, token_ids[i : i + block_size])
+    if end <= start:
+        return []
+    # Convert once and hash slices of one buffer: the router hashes 4K-token prompts per
+    # decision, and per-block conversions dominate otherwise.
+    data = memoryview(array("I", token_ids[start:end]).tobytes())
+    step = block_size * 4
+    digest = xxhash.xxh3_64_intdigest
+    out: list[BlockHash] = []
+    for off in range(0, len(data), step):
+        local = digest(data[off : off + step], seed=SEED)
+        parent = BlockHash(local) if parent is None else BlockHash(digest(_PAIR.pack(parent, local), seed=SEED))
         out.append(parent)
     return out

@@ -48,6 +48,8 @@ class Policy(ABC):
 
 
 class KvPolicy(Policy):
+    """Dynamo's KV-aware cost (see the module docstring); the default policy."""
+
     name = "kv"
 
     def __init__(
@@ -78,6 +80,8 @@ class KvPolicy(Policy):
 
 
 class RoundRobin(Policy):
+    """Each candidate in turn, ignoring cache and load."""
+
     name = "round_robin"
 
     def __init__(self) -> None:
@@ -90,6 +94,8 @@ class RoundRobin(Policy):
 
 
 class RandomPolicy(Policy):
+    """A uniformly random candidate (seeded RNG)."""
+
     name = "random"
 
     def __init__(self, seed: int | None = None) -> None:

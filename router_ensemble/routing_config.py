@@ -19,6 +19,8 @@ ENV_PREFIX = "TRIDENT_ROUTER_"
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
+    """KV-aware routing settings, read once by the router model at start (`from_mapping`)."""
+
     policy: str = "kv"  # kv | round_robin | random | least_loaded
     overlap_weight: float = 1.0  # Dynamo's kv-overlap-score-weight
     temperature: float = 0.0  # 0: argmin of the cost; > 0: softmax sampling

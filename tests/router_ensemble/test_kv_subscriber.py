@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from kv_manager import wire
+from kv_manager.block_pool import BlockPool
 from kv_manager.events import BlockRemoved, BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.publisher import KVEventPublisher
@@ -226,3 +227,19 @@ def test_close_is_idempotent_and_safe_before_start(router: KvRouter) -> None:
     )  # nobody there: connect retries quietly
     sub.close()
     sub.close()
+
+
+def test_block_pool_events_reach_the_router(router: KvRouter) -> None:
+    """The engine's real prefix cache -> publisher -> subscriber -> the router's lookup."""
+    pool = BlockPool(num_blocks=16, block_size=BS)
+    with KVEventPublisher("decode", block_size=BS) as pub, KvEventSubscriber(router) as sub:
+        sub.add_worker(WorkerEndpoint("decode", pub.endpoint))
+        wait_until(lambda: router.workers() == ["decode"], tick=lambda: pub.report_load(STATS))
+        blocks = pool.get_new_blocks(12)
+        pool.cache_full_blocks(blocks, HASHES, PROMPT, None)
+        pool.free_blocks(blocks)
+        pub.publish(pool.take_events())
+        wait_until(lambda: router.decide(PROMPT).overlap_blocks == 12)
+        pool.free_blocks(pool.get_new_blocks(8))  # 4 free + 4 evicted from the prompt's tail
+        pub.publish(pool.take_events())
+        wait_until(lambda: matches(router) == {"decode": 8})
