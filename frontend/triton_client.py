@@ -178,7 +178,7 @@ class RouterClient:
         finally:
             if not finished:
                 logger.info("cancelling router stream request_id=%s", req.request_id)
-            pass  # stream.cancel()
+            stream.cancel()  # a no-op once the call has finished
 
     async def readiness(self) -> Readiness:
         """Router and worker model states, from `is_model_ready` probes.
