@@ -78,7 +78,8 @@ _HELP = {
     "port": "port to bind (default 9000; 0 picks a free one)",
     "triton_url": "Triton gRPC endpoint host:port (default 127.0.0.1:8001)",
     "router_model": "name of the router model in Triton (default router)",
-    "model_names": "comma-separated model ids to advertise (default: ask the router)",
+    "model_names": "comma-separated model ids to advertise (default: the model the router "
+    "config names, else the one TRIDENT_MODEL / the default model would load)",
     "aliases": "comma-separated extra names accepted in requests (default router,trident)",
     "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",
     "triton_admin_key": "key of Triton's restricted model-repository API (optional; for /health)",

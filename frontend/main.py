@@ -83,7 +83,10 @@ def serve_in_thread(config: FrontendConfig, start_timeout_s: float = 30.0) -> Ba
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_args(argv)
+    try:
+        config = parse_args(argv)
+    except TridentError as exc:
+        raise SystemExit(f"python -m frontend: error: {exc}") from None
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -96,7 +96,9 @@ class RouterRequest:
     """What one call of the router model needs; built here, sent by `RouterClient`.
 
     Exactly one of `text_input`, `messages_json`, `input_ids` is set. None means "do not
-    send the input" so that the router's own default applies.
+    send the input" so that the router's own default applies. `stream` follows the client:
+    a non-streaming request gets one router response instead of one per token, which
+    costs the frontend about a millisecond of CPU less per token.
     """
 
     request_id: str
@@ -307,7 +309,7 @@ def to_router_requests(
                     stop=stops,
                     stop_token_ids=tuple(req.stop_token_ids or ()),
                     ignore_eos=req.ignore_eos,
-                    stream=True,
+                    stream=req.stream,
                     **prompt_input,
                 )
             )

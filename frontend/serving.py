@@ -73,6 +73,7 @@ class Generation:
         self.metrics = metrics
         self.model = model
         self.started_at = time.monotonic()
+        self.streaming = all(r.stream for r in requests)
         self.choices = [ChoiceState(index=i, prompt_index=i // n) for i in range(len(requests))]
 
     async def deltas(self) -> AsyncIterator[tuple[int, RouterDelta]]:
@@ -118,7 +119,7 @@ class Generation:
     def _record(self, choice: ChoiceState, delta: RouterDelta) -> None:
         now = time.monotonic()
         new_tokens = max(delta.num_output_tokens - choice.completion_tokens, len(delta.token_ids))
-        if new_tokens > 0:
+        if new_tokens > 0 and self.streaming:  # one response per request otherwise
             if choice.first_token_at is None:
                 choice.first_token_at = now
                 self.metrics.ttft.observe(now - self.started_at, self.model)

@@ -51,8 +51,10 @@ class BlsWorkerClient:
         finally:
             if not finished:
                 self.abort(worker, request.request_id)
-                for _ in responses:  # wait for the worker's final "abort" response
-                    pass
+            # Consume the stream to its end (after an abort: the worker's final "abort"
+            # response) so that the stub releases the BLS response iterator.
+            for _ in responses:
+                pass
 
     def abort(self, worker: str, request_id: str) -> None:
         """Ask `worker` to abort `request_id` (no-op if it already finished)."""

@@ -137,10 +137,15 @@ class Orchestrator:
         Raises `TridentError` (validation or worker failure) before or during streaming; the
         caller turns it into a Triton error response.
         """
+        t0 = self.clock()
         ids = self.prompt_ids(request)
+        t1 = self.clock()
         request_id = uuid.uuid4().hex
         worker = self.selector.select(request_id, ids)
-        logger.debug("request_id=%s client_id=%s -> worker=%s (%d prompt tokens)", request_id, request.client_request_id, worker, len(ids))
+        logger.debug(
+            "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; tokenize %.1f ms, select %.1f ms)",
+            request_id, request.client_request_id, worker, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
+        )
         state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), worker, len(ids))
         generate = GenerateRequest(request_id=request_id, prompt_token_ids=ids, sampling=request.sampling)
         try:

@@ -46,6 +46,7 @@ NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = "triton_python_backend_stub"
+ENGINE_SHM_PREFIX = "trident_kv_"  # kv_manager.transfer: /dev/shm/trident_kv_<pid>_<random>
 
 Progress = Callable[[str], None]
 
@@ -175,6 +176,19 @@ def remove_shm_regions(prefix: str) -> list[str]:
     return removed
 
 
+def group_pids(pgid: int) -> set[int]:
+    """Processes in process group `pgid` (Linux /proc; empty elsewhere)."""
+    pids: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            pids.add(int(stat.parent.name))
+    return pids
+
+
 def gpu_count() -> int:
     """Number of GPUs `nvidia-smi -L` lists (1 if it cannot tell)."""
     try:
@@ -224,9 +238,14 @@ class Launcher:
                     proc.wait(timeout=grace_s)
                 except subprocess.TimeoutExpired:
                     logger.warning("tritonserver did not exit in %.0fs; killing it", grace_s)
+            stubs = group_pids(proc.pid)
             _kill_group(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+            # Engines name their shared KV pools after their process; after a forced exit
+            # nobody else would remove those of our stubs.
+            for pid in stubs | {proc.pid}:
+                remove_shm_regions(f"{ENGINE_SHM_PREFIX}{pid}_")
         removed = remove_shm_regions(self.shm_prefix)
         if removed:
             logger.info("removed %d leftover shared-memory regions", len(removed))

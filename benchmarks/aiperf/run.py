@@ -4,7 +4,7 @@ Runs against a frontend that is already serving (`trident serve`, or `python -m 
 next to a running tritonserver). aiperf lives in its own virtual environment
 (`.cache/.venv-aiperf`, git-ignored, created on first use) so its pins never touch
 ours. Its tokenizer is a local directory exported from the served model by
-`trident.tokenizer.export_hf_tokenizer`, and the Hugging Face hub is switched off.
+`trident.tokenizer.export_hf_tokenizer`; the Hugging Face hub is never contacted.
 
 Two workloads:
   shared-system: single-turn chat, every request opens with the same long system prompt
@@ -78,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GGUF / HF dir for the tokenizer ('' = default model)",
     )
     p.add_argument(
-        "--venv", default=str(REPO_ROOT / ".cache" / ".venv-aiperf"), help="aiperf's own virtual environment"
+        "--venv",
+        default=str(REPO_ROOT / ".cache" / ".venv-aiperf"),
+        help="aiperf's own virtual environment",
     )
     p.add_argument("--aiperf-spec", default=AIPERF_SPEC, help="pip requirement for aiperf")
     p.add_argument(
@@ -202,6 +204,10 @@ def run_aiperf(
         "--concurrency", str(args.concurrency),
         "--random-seed", "1234",
         "--extra-inputs", "ignore_eos:true",
+        # Count tokens from our `usage` (per chunk: stream_options.continuous_usage_stats)
+        # rather than re-tokenizing the text, which drifts by a few tokens.
+        "--use-server-token-count",
+        "--per-chunk-usage",
         "--warmup-request-count", str(args.warmup),
         "--artifact-dir", str(artifacts),
         "--ui-type", "none",
@@ -211,12 +217,12 @@ def run_aiperf(
     ]  # fmt: skip
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
+    # No hub access. Not via HF_HUB_OFFLINE: in that mode aiperf looks a tokenizer up in the
+    # hub cache even when given a directory. A local path skips the hub; pointing the hub
+    # endpoint at a closed port makes any stray call fail at once instead of reaching out.
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(var, None)
     log(f"[{work.name}] {work.description}: {' '.join(cmd[2:])}")
     started = time.monotonic()
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import zmq
 
 from kv_manager.layout import KVLayout
 from kv_manager.transfer.base import KVDescriptor
-from kv_manager.transfer.blockcopy import BlockCopier
+from kv_manager.transfer.blockcopy import BlockCopier, check_ids
 from kv_manager.transfer.cuda_pool import open_cuda
 from kv_manager.transfer.descriptor import decode_descriptor
 from kv_manager.transfer.handle import PoolHandle, decode_handle
@@ -87,7 +86,7 @@ class KVImporterImpl:
                 f"kv descriptor.num_tokens: {desc.num_tokens} tokens do not fit in "
                 f"{len(desc.block_ids)} blocks of {self.layout.block_size}"
             )
-        _check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
+        check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
         self._peer(handle)
         return desc
 
@@ -102,15 +101,16 @@ class KVImporterImpl:
             raise KVTransferError(
                 f"dst_block_ids: {len(dst_block_ids)} blocks for {len(desc.block_ids)} source blocks"
             )
-        _check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
-        _check_ids("dst_block_ids", dst_block_ids, dst_pool.shape[0])
-        if len(set(dst_block_ids)) != len(dst_block_ids):
+        # The copy moves raw pointers: an id out of range must never reach it.
+        src_ids = check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
+        dst_ids = check_ids("dst_block_ids", dst_block_ids, dst_pool.shape[0])
+        if len(set(dst_ids)) != len(dst_ids):
             raise KVTransferError("dst_block_ids: a block appears twice")
         if time.time() >= desc.lease_expiry:
             raise KVTransferError(
                 f"KV lease {desc.lease_id} of worker {desc.worker_id} has expired"
             )
-        self._copier.copy(peer.tensor, dst_pool, desc.block_ids, dst_block_ids)
+        self._copier.copy(peer.tensor, dst_pool, src_ids, dst_ids)
         if time.time() >= desc.lease_expiry:
             # The exporter frees only after a grace period, but past the expiry there is no
             # promise left: the caller must recompute instead of trusting these blocks.
@@ -218,10 +218,3 @@ class KVImporterImpl:
         for pool_id in gone:
             log.info("unmapping peer KV pool %s: its segment was unlinked", pool_id)
             del self._peers[pool_id]
-
-
-def _check_ids(field: str, ids: Sequence[int], limit: int) -> None:
-    # The CPU copy moves raw pointers: an id out of range must never reach it.
-    for b in ids:
-        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < limit:
-            raise KVTransferError(f"{field}: {b!r} is not a block id in [0, {limit})")

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from kv_manager.block_pool import Block, BlockPool
+from kv_manager.block_pool import Block
 from plugins.base import ChunkSink, Engine, EngineInfo, EngineStats
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.runner import ModelRunner
@@ -24,7 +24,14 @@ from plugins.torch_engine.scheduler import Scheduler
 from plugins.torch_engine.sequence import Sequence
 from plugins.torch_engine.setup import EngineParts, build_parts
 from trident.errors import EngineError, ValidationError
-from trident.types import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenChunk
+from trident.types import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerateRequest,
+    TokenChunk,
+)
 
 log = logging.getLogger(__name__)
 

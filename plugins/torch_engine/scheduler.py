@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kv_manager.block_pool import Block, BlockPool
-from plugins.torch_engine.sequence import Sequence, SeqStatus
+from plugins.torch_engine.sequence import SeqStatus, Sequence
 
 # Pulls a sequence's prompt KV from a prefill worker into `blocks` (the prompt blocks after
 # the first `skip` ones). Raises on failure.
@@ -106,6 +106,7 @@ class Scheduler:
             except Exception as exc:  # a failed KV import fails this request only
                 self.waiting.popleft()
                 self.free(seq)
+                seq.status = SeqStatus.FINISHED
                 failed.append((seq, exc))
                 continue
             if not admitted:

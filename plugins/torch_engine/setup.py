@@ -14,10 +14,11 @@ import torch
 
 from kv_manager.block_pool import BlockPool
 from kv_manager.layout import KVLayout
+from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
+from kv_manager.transfer.base import KVPoolMemory
 from plugins.base import EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.llama import LlamaModel
-from trident.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +26,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass(slots=True)
-class LocalPool:
-    """A KV pool no other process maps."""
-
-    tensor: torch.Tensor
-    layout: KVLayout
-    num_blocks: int
-
-    def handle(self) -> bytes:
-        raise ConfigError("this KV pool is not shareable; start the engine with shareable_kv=true")
-
-    def close(self) -> None:
-        self.tensor = torch.empty(0)
-
-
-@dataclass(slots=True)
 class EngineParts:
     info: EngineInfo
     model: LlamaModel
-    memory: object  # kv_manager.transfer.base.KVPoolMemory
+    memory: KVPoolMemory
     block_pool: BlockPool
-    exporter: object | None = None  # KVExporter on a shareable (prefill-capable) pool
-    importer: object | None = None  # KVImporter (decode side)
+    exporter: KVExporterImpl | None = None  # on a shareable (prefill-capable) pool
+    importer: KVImporterImpl | None = None  # decode side
     _closers: list = field(default_factory=list)
 
     def close(self) -> None:
@@ -91,12 +77,7 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
     dtype_name = str(dtype).removeprefix("torch.")
     layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype_name, mc.model_id)
     num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // layout.block_nbytes)
-    if cfg.shareable_kv:
-        from kv_manager.transfer.pool import allocate_pool
-
-        memory = allocate_pool(layout, num_blocks, str(device), shareable=True)
-    else:
-        memory = LocalPool(torch.zeros(layout.pool_shape(num_blocks), dtype=dtype, device=device), layout, num_blocks)
+    memory = allocate_pool(layout, num_blocks, str(device), shareable=cfg.shareable_kv)
     info = EngineInfo(
         model_id=mc.model_id,
         block_size=cfg.block_size,
@@ -124,11 +105,6 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
 
 def _attach_transfer(parts: EngineParts, cfg: TorchEngineConfig) -> None:
     """Every engine can import KV; a shareable pool can also export it under leases."""
-    try:
-        from kv_manager.transfer import KVExporterImpl, KVImporterImpl
-    except ImportError:
-        log.debug("KV transfer layer not available; this worker neither imports nor exports KV")
-        return
     layout = parts.info.kv_layout
     parts.importer = KVImporterImpl(layout)
     parts._closers.append(parts.importer.close)

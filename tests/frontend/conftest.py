@@ -14,7 +14,13 @@ import pytest
 
 from frontend.args import FrontendConfig
 from frontend.main import BackgroundFrontend, serve_in_thread
-from tests.integration.server_fixture import ServerInfo, triton_server  # noqa: F401  (fixture)
+from tests.integration.server_fixture import (  # noqa: F401  (triton_server is a fixture)
+    ServerInfo,
+    triton_server,
+)
+
+# Each conftest that imports the session fixture gets its own tritonserver: when the
+# fixture moves to tests/conftest.py, drop `triton_server` above (and in tests/integration).
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 API_KEY = "e2e-secret"

@@ -89,7 +89,7 @@ def test_prompt_tokens_details_reports_cached_tokens(base_url: str) -> None:
 def test_metrics_has_latency_histograms(base_url: str) -> None:
     httpx.post(
         f"{base_url}/v1/completions",
-        json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4, "stream": False},
+        json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4, "stream": True},
         timeout=120,
     )
     text = httpx.get(f"{base_url}/metrics", timeout=10).text

@@ -74,8 +74,8 @@ def test_chat_streaming_matches_non_streaming(client: openai.OpenAI, greedy_chat
     assert chunks[-1].choices == [] and usage is not None
     assert usage.completion_tokens == greedy_chat.usage.completion_tokens
     assert usage.prompt_tokens == greedy_chat.usage.prompt_tokens
-    # The same prompt again: its full blocks come from the prefix cache.
-    assert usage.prompt_tokens_details.cached_tokens > 0
+    # Cache hits depend on the worker the router picks; test_e2e_http checks them.
+    assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -92,8 +92,8 @@ def test_completions_with_prompt_list(client: openai.OpenAI) -> None:
 def test_completions_streaming_and_stop(client: openai.OpenAI) -> None:
     prompt = "1, 2, 3, 4,"
     full = client.completions.create(
-        model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=True
-    )  # type: ignore[call-arg]
+        model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = full.choices[0].text
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 8
     streamed = "".join(
@@ -132,6 +132,23 @@ def test_seeded_sampling_is_reproducible_and_n_gives_distinct_choices(
     assert sample(7) == sample(7)
     two = sample(7, n=2)
     assert len(two) == 2 and two[0] == sample(7)[0]
+
+
+def test_multi_turn_chat_with_text_parts(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[
+            {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Hello Ada."},
+            {"role": "user", "content": [{"type": "text", "text": "What is my name?"}]},
+        ],
+        max_tokens=6,
+        temperature=0,
+        user="tester",
+    )
+    assert resp.choices[0].message.content
+    assert resp.usage.prompt_tokens > 30
 
 
 def test_min_tokens_and_max_completion_tokens(client: openai.OpenAI) -> None:

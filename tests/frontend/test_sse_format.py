@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from frontend.metrics import FrontendMetrics
+from frontend.protocol import RouterRequest
 from frontend.serving import SSE_DONE, Generation, ResponseShape, sse
 from frontend.triton_client import RouterDelta, model_id_from_parameters, model_id_from_path
 
@@ -29,7 +30,8 @@ def test_sse_framing() -> None:
 
 def test_chat_chunks_and_usage() -> None:
     metrics = FrontendMetrics()
-    gen = Generation(None, [None, None], {}, metrics, "m", n=2)  # type: ignore[arg-type, list-item]
+    requests = [RouterRequest(request_id=f"r-{i}", text_input="x", stream=True) for i in range(2)]
+    gen = Generation(None, requests, {}, metrics, "m", n=2)  # type: ignore[arg-type]
     gen._record(gen.choices[0], _delta("Hel", 1))
     gen._record(gen.choices[0], _delta("lo", 2, "stop"))
     gen._record(gen.choices[1], _delta("Hi", 1, "length"))
@@ -60,12 +62,16 @@ def test_chat_chunks_and_usage() -> None:
 
 
 def test_completion_shape_with_echo() -> None:
-    gen = Generation(None, [None], {}, FrontendMetrics(), "m", n=1)  # type: ignore[arg-type, list-item]
+    metrics = FrontendMetrics()
+    gen = Generation(
+        None, [RouterRequest(request_id="r", text_input="x", stream=False)], {}, metrics, "m", n=1
+    )  # type: ignore[arg-type]
     gen._record(gen.choices[0], _delta(" world", 1, "stop"))
     shape = ResponseShape(False, "cmpl-1", "m", 1, echo=["hello"])
     full = shape.full(gen)
     assert full["object"] == "text_completion"
     assert full["choices"][0]["text"] == "hello world"
+    assert metrics.ttft.count("m") == 0  # one response per request: no per-token timing
     assert shape.chunk(0, "x", None)["choices"][0] == {
         "index": 0,
         "text": "x",

@@ -86,11 +86,13 @@ def _wait_unheld(producer) -> None:
     assert producer("held") == 0
 
 
-@pytest.mark.parametrize("pattern", ["scattered", "two_runs", "one_block"])
+@pytest.mark.parametrize("pattern", ["many", "scattered", "two_runs", "one_block"])
 def test_device_to_device_pull_is_byte_exact(producer, importer, pattern):
     rng = random.Random(pattern)
-    if pattern == "scattered":  # > 8 runs: the one-launch gather-scatter kernel
-        src, dst_ids = rng.sample(range(NUM_BLOCKS), 40), rng.sample(range(64), 40)
+    if pattern == "many":  # > 64 ids: straight to the kernel
+        src, dst_ids = rng.sample(range(NUM_BLOCKS), 100), rng.sample(range(128), 100)
+    elif pattern == "scattered":  # > 8 runs: the one-launch gather-scatter kernel
+        src, dst_ids = rng.sample(range(NUM_BLOCKS), 40), rng.sample(range(128), 40)
     elif pattern == "two_runs":  # few runs: plain copies
         src, dst_ids = [*range(10, 20), *range(50, 55)], [*range(0, 10), *range(20, 25)]
     else:
@@ -98,10 +100,10 @@ def test_device_to_device_pull_is_byte_exact(producer, importer, pattern):
     desc = importer.open(producer("export", src))
     handle = decode_handle(desc.pool_handle)
     assert handle.kind == "cuda" and handle.device_uuid
-    dst = torch.zeros(LAYOUT.pool_shape(64), dtype=torch.bfloat16, device="cuda")
+    dst = torch.zeros(LAYOUT.pool_shape(128), dtype=torch.bfloat16, device="cuda")
     importer.pull(desc, dst, dst_ids)
     assert _bits(dst[dst_ids]).numpy().tobytes() == producer("blocks", src)
-    untouched = sorted(set(range(64)) - set(dst_ids))
+    untouched = sorted(set(range(128)) - set(dst_ids))
     assert not dst[untouched].any()
     importer.release(desc)
     _wait_unheld(producer)

@@ -30,7 +30,12 @@ def test_bad_input_over_http_names_the_field(triton_server: ServerInfo, inputs: 
     assert field in resp.json()["error"]
 
 
-@pytest.mark.parametrize("inputs,field", BAD_INPUTS[:8], ids=[f for _, f in BAD_INPUTS[:8]])
+# Not "no_such_input" here: tritonserver 2.51 itself refuses an unknown input on a gRPC stream
+# (naming it) but then never releases the model, which delays shutdown by --exit-timeout-secs.
+GRPC_BAD_INPUTS = [case for case in BAD_INPUTS[:8] if case[1] != "no_such_input"]
+
+
+@pytest.mark.parametrize("inputs,field", GRPC_BAD_INPUTS, ids=[f for _, f in GRPC_BAD_INPUTS])
 def test_bad_input_over_grpc_names_the_field(triton_server: ServerInfo, inputs: dict, field: str) -> None:
     with RouterClient(triton_server.grpc_url) as client:
         with pytest.raises(InferenceServerException) as err:

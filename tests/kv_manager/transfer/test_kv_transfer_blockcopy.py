@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from kv_manager.transfer.blockcopy import BlockCopier, coalesce
+from kv_manager.transfer.blockcopy import BlockCopier, check_ids, coalesce
+from trident.errors import KVTransferError
 
 torch.set_num_threads(1)
 
 
 def test_coalesce_merges_runs_that_advance_together():
+    long_s, long_d = [*range(100, 150), 7, *range(200, 230)], [*range(50), 99, *range(60, 90)]
+    assert coalesce(long_s, long_d) == [(100, 0, 50), (7, 99, 1), (200, 60, 30)]  # numpy path
     assert coalesce([], []) == []
     assert coalesce([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
     assert coalesce([1, 2, 3], [5, 4, 3]) == [(1, 5, 1), (2, 4, 1), (3, 3, 1)]
@@ -40,3 +44,16 @@ def test_copy_is_byte_exact(threads, pattern):
     assert torch.equal(dst[d], src[s])
     untouched = sorted(set(range(96)) - set(d))
     assert not dst[untouched].any()
+
+
+def test_check_ids_names_the_field_and_the_bad_id():
+    assert check_ids("ids", (3, 0, 2), 4) == [3, 0, 2]
+    assert check_ids("ids", [np.int64(1)], 4) == [1] and check_ids("ids", [], 4) == []
+    for bad, match in (
+        ([0, 4], r"ids: 4 is not a block id in \[0, 4\)"),
+        ([-2, 1], "ids: -2"),
+        ([0.5], "expected block ids"),
+        ([True], "expected block ids"),
+    ):
+        with pytest.raises(KVTransferError, match=match):
+            check_ids("ids", bad, 4)
