@@ -66,6 +66,8 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
 
     device = torch.device(cfg.device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()

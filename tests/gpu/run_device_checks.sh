@@ -84,8 +84,8 @@ print(f"[device-checks] torch {torch.__version__}, CUDA {torch.version.cuda}, "
 EOF
 
 status=0
-say "1/3 transfer tests (GPU tests included)"
-$PY -m pytest -q -p no:cacheprovider tests/kv_manager/transfer tests/gpu 2>&1 | tee "$OUT_DIR/pytest.log"
+say "1/3 transfer and engine tests (GPU tests included: CUDA IPC, engine on CUDA, disaggregated handoff)"
+$PY -m pytest -q -p no:cacheprovider tests/kv_manager/transfer tests/gpu tests/plugins/test_engine_disagg.py 2>&1 | tee "$OUT_DIR/pytest.log"
 ((PIPESTATUS[0])) && status=1
 say "2/3 benchmark, --device cuda"
 $PY -m benchmarks.kv_transfer --device cuda --json "$OUT_DIR/kv_transfer_cuda.json" 2>&1 \
