@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100, help="measured pairs")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads of the decode worker")
     parser.add_argument("--kv-cache-mb", type=int, default=64)

@@ -15,7 +15,8 @@
 
 Threads: `run` blocks for the life of one request and is called on one request thread per
 request; an `Orchestrator` holds no per-request state, so any number of requests run at once.
-Disaggregation (a prefill worker before the decode worker) plugs in at `_stream_chunks`.
+Disaggregation (`router_ensemble.disagg`): after step 2 a `Disaggregator` decides whether a
+prefill worker computes the prompt first; `_stream_chunks` then pumps that route's chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from router_ensemble.disagg import Disaggregator, Route, select_worker
 from router_ensemble.router_io import RouterDelta, RouterRequest
 from router_ensemble.stop_strings import StopStringMatcher
 from router_ensemble.worker_pool import WorkerSelector
@@ -112,12 +114,14 @@ class Orchestrator:
         client: WorkerClient,
         cancel_poll_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        disagg: Disaggregator | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.selector = selector
         self.client = client
         self.cancel_poll_s = cancel_poll_s
         self.clock = clock
+        self.disagg = disagg  # None: every prompt is prefilled by its decode worker
 
     def prompt_ids(self, request: RouterRequest) -> tuple[int, ...]:
         if request.input_ids is not None:
@@ -141,37 +145,49 @@ class Orchestrator:
         ids = self.prompt_ids(request)
         t1 = self.clock()
         request_id = uuid.uuid4().hex
-        worker = self.selector.select(request_id, ids)
+        worker, cached = select_worker(self.selector, request_id, ids)
+        try:
+            route = Route(worker) if self.disagg is None else self.disagg.route(
+                request_id, worker, len(ids), cached, request.sampling
+            )
+        except BaseException:
+            self.selector.release(request_id)
+            raise
         logger.debug(
             "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; tokenize %.1f ms, select %.1f ms)",
-            request_id, request.client_request_id, worker, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
+            request_id, request.client_request_id, route.label, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
         )
-        state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), worker, len(ids))
+        state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
         generate = GenerateRequest(request_id=request_id, prompt_token_ids=ids, sampling=request.sampling)
         try:
-            reason = self._stream_chunks(worker, generate, state, emit if request.stream else None, is_cancelled)
+            reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
         finally:
+            route.close()
             self.selector.release(request_id)
         state.finish()
         if state.stopped:
             reason = FINISH_STOP
         final = state.take(reason)
+        served = getattr(self.selector, "record_served", None)  # the KV router's served hit rate
+        if served is not None:
+            served(worker, final.num_input_tokens, final.cached_tokens)
         emit(final)
         return final
 
     def _stream_chunks(
         self,
-        worker: str,
+        route: Route,
         request: GenerateRequest,
         state: _Stream,
         emit: Emit | None,
         is_cancelled: Callable[[], bool],
     ) -> str:
-        """Pump the worker's chunks into `state`; return the finish reason."""
-        chunks = self.client.generate(worker, request)
+        """Pump the route's chunks into `state`; return the finish reason."""
+        chunks = route.chunks(self.client, request)
         next_poll = self.clock() + self.cancel_poll_s
         try:
             for chunk in chunks:
+                state.worker = route.label  # changes if a gone prefill worker forced a local prefill
                 state.add(chunk)
                 if state.stopped:
                     return FINISH_STOP
@@ -189,4 +205,4 @@ class Orchestrator:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # aborts on the worker if the stream did not finish
-        raise EngineError(f"worker {worker} ended request {request.request_id} without a final response")
+        raise EngineError(f"worker {route.label} ended request {request.request_id} without a final response")

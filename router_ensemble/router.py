@@ -96,6 +96,7 @@ class KvRouter:
         self._lock = threading.Lock()
         self._workers: dict[str, None] = {}  # insertion-ordered set
         self._down: set[str] = set()  # removed (left, silent, unloaded) until added again
+        self._removals: dict[str, int] = {}  # worker -> times removed (in-flight watchers)
         self._sched_lock = threading.Lock()
 
     # ------------------------------------------------------------ membership and feeds
@@ -113,6 +114,7 @@ class KvRouter:
             known = worker_id in self._workers
             self._workers.pop(worker_id, None)
             self._down.add(worker_id)
+            self._removals[worker_id] = self._removals.get(worker_id, 0) + 1
         blocks = self.index.remove_worker(worker_id)
         self.loads.remove(worker_id)
         if known:
@@ -123,6 +125,16 @@ class KvRouter:
     def workers(self) -> list[str]:
         with self._lock:
             return list(self._workers)
+
+    def removals(self, worker_id: str) -> int:
+        """How often the worker was removed so far: a change during a request means the
+        worker went away (left, went silent, was unloaded) while the request ran."""
+        with self._lock:
+            return self._removals.get(worker_id, 0)
+
+    def is_down(self, worker_id: str) -> bool:
+        with self._lock:
+            return worker_id in self._down
 
     def apply_events(self, worker_id: str, events: Iterable[KVEvent]) -> None:
         self.index.apply_events(worker_id, events)
@@ -224,21 +236,41 @@ class KvRouter:
 
 
 class KvSelector:
-    """`KvRouter` behind the orchestrator's `WorkerSelector` calls (`select`, `release`).
+    """`KvRouter` behind the orchestrator's `WorkerSelector` calls (`select`, `release`,
+    `record_served`).
 
     `workers` gives the pool's ready replicas (e.g. `WorkerDirectory.workers`); None means
-    the workers added to the router. Called on request threads.
+    the workers added to the router. `on_decision` (optional) sees every `Decision`, e.g. to
+    export metrics. Called on request threads.
     """
 
     def __init__(
-        self, router: KvRouter, workers: Callable[[], Sequence[str]] | None = None
+        self,
+        router: KvRouter,
+        workers: Callable[[], Sequence[str]] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         self.router = router
         self.workers = workers
+        self.on_decision = on_decision
 
     def select(self, request_id: str, token_ids: Sequence[int]) -> str:
+        return self.select_cached(request_id, token_ids)[0]
+
+    def select_cached(self, request_id: str, token_ids: Sequence[int]) -> tuple[str, int]:
+        """The chosen worker and the prompt tokens the router expects it to hold cached
+        (`router_ensemble.disagg` counts the rest as prefill work)."""
         candidates = None if self.workers is None else self.workers()
-        return self.router.decide(token_ids, candidates, request_id=request_id).worker_id
+        if candidates is not None and not candidates:
+            raise WorkerUnavailable("no worker is ready")
+        decision = self.router.decide(token_ids, candidates, request_id=request_id)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        return decision.worker_id, decision.cached_tokens
 
     def release(self, request_id: str) -> None:
         self.router.release(request_id)
+
+    def record_served(self, worker_id: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """The engine's own count of prompt tokens served from its cache, for the hit rate."""
+        self.router.record_served(worker_id, prompt_tokens, cached_tokens)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from router_ensemble.bls_client import BlsWorkerClient, is_model_ready
+from router_ensemble.disagg import build_disaggregator
 from router_ensemble.orchestrator import Orchestrator
 from router_ensemble.router_io import (
     ROUTER_INPUTS,
@@ -25,7 +26,8 @@ from router_ensemble.router_io import (
     encode_router_outputs,
     parse_router_inputs,
 )
-from router_ensemble.worker_pool import RoundRobinSelector, WorkerDirectory
+from router_ensemble.kv_selection import KvRouting
+from router_ensemble.worker_pool import WorkerDirectory
 from trident.errors import ConfigError, TridentError
 from trident.tokenizer import load_tokenizer
 from trident.triton_utils import (
@@ -82,11 +84,13 @@ class RouterModel:
         self.config = RouterModelConfig.from_mapping(params)
         fixed = tuple(m.strip() for m in self.config.decode_models.split(",") if m.strip())
         directory = WorkerDirectory(self.config.decode_pool, probe=is_model_ready, fixed=fixed)
+        self.routing = KvRouting.from_params(directory, params, metrics_name=name).start()
         self.orchestrator = Orchestrator(
             load_tokenizer(self.config.model),
-            RoundRobinSelector(directory),
-            BlsWorkerClient(),
+            self.routing.selector,
+            self.routing.watch(BlsWorkerClient()),
             cancel_poll_s=self.config.cancel_poll_ms / 1000.0,
+            disagg=build_disaggregator(params, is_model_ready),
         )
         self.pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix=f"{name}-req")
         logger.info("router %s ready (tokenizer %s)", name, self.orchestrator.tokenizer.model_id)
@@ -125,7 +129,10 @@ class RouterModel:
             logger.info("could not deliver error %r: %s", str(exc), send_exc)
 
     def finalize(self) -> None:
+        logger.debug("router %s: finalize", self.name)
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.routing.close()
+        logger.debug("router %s: finalized", self.name)
 
 
 def _cancelled(request: Any) -> bool:

@@ -11,8 +11,9 @@ thread, then `stop()` (also on SIGINT/SIGTERM). The launcher:
 3. starts the server in its own process group, explicit model control, bound to
    `config.host`, the model-repository API restricted by a random key that only this
    launcher holds, and python-backend shared memory under a prefix unique to this launcher;
-4. loads `decode`, the replicas `decode_1..N-1` (config + `file:1/model.py` overrides) and
-   `router`, reporting progress while the engines start;
+4. loads `decode`, the replicas `decode_1..N-1` (config + `file:1/model.py` overrides), the
+   same for `prefill` (`--prefill M`: `prefill`, `prefill_1..M-1`), and `router`, reporting
+   progress while the engines start;
 5. on stop: SIGTERM, a grace period, SIGKILL to the whole process group (stubs included),
    then removes its own `triton_python_backend_shm_region_*` files.
 """
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -36,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trident.errors import ConfigError, ModelLoadError, TridentError
+from trident.kv_endpoints import EVENTS_DIR_ENV
 from trident.model_control import ADMIN_KEY_HEADER, ModelControl, replica_load_args
 from trident.serve_config import ServeConfig
 
@@ -211,8 +214,10 @@ class Launcher:
         self.control: ModelControl | None = None
         self.log_path: Path | None = None
         self.decode_models: list[str] = []
+        self.prefill_models: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
+        self.kv_events_dir: Path | None = None  # the workers' KV event sockets (trident.kv_endpoints)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> Endpoints:
@@ -252,6 +257,9 @@ class Launcher:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.kv_events_dir is not None:
+            shutil.rmtree(self.kv_events_dir, ignore_errors=True)
+            self.kv_events_dir = None
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -313,6 +321,10 @@ class Launcher:
         env = dict(os.environ)
         env.update(self.config.engine_env())
         env["TRIDENT_ROOT"] = str(REPO_ROOT)
+        if not env.get(EVENTS_DIR_ENV, "").strip():  # else the user chose one
+            if self.kv_events_dir is None:  # private (0700) and removed in stop()
+                self.kv_events_dir = Path(tempfile.mkdtemp(prefix="trident-kv-"))
+            env[EVENTS_DIR_ENV] = str(self.kv_events_dir)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         libs = [str(p) for p in install.lib_dirs]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
@@ -348,20 +360,25 @@ class Launcher:
         raise TridentError(f"tritonserver not live after {self.config.startup_timeout_s:.0f}s{self._log_hint()}")
 
     def _load_models(self) -> None:
-        """Load decode workers and the router in parallel, reporting progress."""
+        """Load decode and prefill workers and the router in parallel, reporting progress."""
         cfg = self.config
         names = ["decode"] + [f"decode_{i}" for i in range(1, cfg.decode)]
+        prefills = [f"prefill{'_' + str(i) if i else ''}" for i in range(cfg.prefill)]
         cuda = cfg.device.startswith("cuda")
         gpus = gpu_count() if cuda else 0
         jobs: dict[str, Callable[[], None]] = {}
         for i, name in enumerate(names):
             jobs[name] = self._load_job(name, gpu=(i % gpus) if cuda else None, replica=i > 0)
+        for i, name in enumerate(prefills):  # after the decode workers on the GPUs
+            gpu = ((len(names) + i) % gpus) if cuda else None
+            jobs[name] = self._load_job(name, gpu=gpu, replica=i > 0, pool="prefill")
         jobs["router"] = lambda: self.control.load("router")  # type: ignore[union-attr]
         self.decode_models = names
+        self.prefill_models = prefills
         self._run_jobs(jobs)
 
-    def _load_job(self, name: str, gpu: int | None, replica: bool) -> Callable[[], None]:
-        template = str(self.repository / "decode")
+    def _load_job(self, name: str, gpu: int | None, replica: bool, pool: str = "decode") -> Callable[[], None]:
+        template = str(self.repository / pool)
         control = self.control
         assert control is not None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,7 @@ class RouterClient:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._streaming = False
+        self._pending = False  # a request was sent and its final response not yet seen
 
     def _on_response(self, result: Any, error: Any) -> None:
         self._responses.put(error if error is not None else result)
@@ -106,12 +107,16 @@ class RouterClient:
             self._client.async_stream_infer(
                 model or self.model, tensors, request_id=f"c{next(self._ids)}", enable_empty_final_response=True
             )
+            self._pending = True
             while True:
                 item = self._responses.get(timeout=timeout)
                 if isinstance(item, Exception):
+                    self._pending = False  # an error response is the request's last
                     raise item
                 response = item.get_response()
                 final = response.parameters["triton_final_response"].bool_param
+                if final:
+                    self._pending = False
                 if response.outputs:
                     yield decode_outputs(item, self.output_names)
                 if final:
@@ -128,7 +133,10 @@ class RouterClient:
         """Cancel the in-flight request (from another thread, or after leaving `stream` early)."""
         if self._streaming:
             self._streaming = False
-            self._client.stop_stream(cancel_requests=True)
+            # Cancel only a request still running: tritonserver 2.51 can keep a reference to the
+            # model forever when a stream is cancelled right after its last response.
+            self._client.stop_stream(cancel_requests=self._pending)
+            self._pending = False
 
     def close(self) -> None:
         try:

@@ -20,6 +20,7 @@ from trident.errors import ConfigError
 ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
+ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.policies.POLICIES
 
 # field name -> help text; the order is the order of `trident serve --help`.
 _HELP = {
@@ -29,6 +30,9 @@ _HELP = {
     "grpc_port": "gRPC port (0 = pick a free port)",
     "metrics_port": "Prometheus /metrics port (0 = pick a free port)",
     "decode": "number of decode workers (decode, decode_1, ...)",
+    "router_policy": "routing policy: kv, round_robin, random, least_loaded ('' = router config, kv)",
+    "prefill": "number of prefill workers (prefill, prefill_1, ...); 0 = aggregated serving only",
+    "disagg_threshold": "prefill remotely from this many uncached prompt tokens (0 = never, -1 = router config)",
     "dtype": "engine dtype: auto, bfloat16, float32, float16 ('' = model config)",
     "device": "engine device: cpu or cuda ('' = model config); cuda pins decode_i to GPU i",
     "kv_cache_mb": "KV pool size per worker in MiB (0 = model config)",
@@ -38,6 +42,8 @@ _HELP = {
     "model_repository": "model repository ('' = this checkout's model_repository/)",
     "startup_timeout_s": "seconds to wait for the server and all models to become ready",
     "server_log": "file for tritonserver's own log ('' = a file in the run directory, '-' = this terminal)",
+    "openai_port": "port of the OpenAI-compatible frontend (-1 = do not start it, 0 = a free port)",
+    "api_key": "Bearer token the OpenAI frontend requires ('' = none)",
 }
 
 
@@ -51,6 +57,9 @@ class ServeConfig:
     grpc_port: int = 8001
     metrics_port: int = 8002
     decode: int = 1
+    router_policy: str = ""
+    prefill: int = 0
+    disagg_threshold: int = -1
     dtype: str = ""
     device: str = ""
     kv_cache_mb: int = 0
@@ -60,6 +69,8 @@ class ServeConfig:
     model_repository: str = ""
     startup_timeout_s: float = 600.0
     server_log: str = ""
+    openai_port: int = 9000
+    api_key: str = ""
 
     def validate(self) -> ServeConfig:
         """Return self, or raise `ConfigError` naming the first bad field."""
@@ -69,6 +80,12 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be in [0, 65535], got {port}")
         if self.decode < 1:
             raise ConfigError(f"decode must be >= 1, got {self.decode}")
+        if self.router_policy and self.router_policy not in ROUTER_POLICIES:
+            raise ConfigError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
+        if self.prefill < 0:
+            raise ConfigError(f"prefill must be >= 0, got {self.prefill}")
+        if self.disagg_threshold < -1:
+            raise ConfigError(f"disagg_threshold must be >= 0 (or -1 for the router's config), got {self.disagg_threshold}")
         if self.dtype not in ENGINE_DTYPES:
             raise ConfigError(f"dtype must be one of {ENGINE_DTYPES[1:]}, got {self.dtype!r}")
         if self.device and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -83,6 +100,8 @@ class ServeConfig:
             raise ConfigError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
         if not self.host:
             raise ConfigError("host must not be empty")
+        if not -1 <= self.openai_port <= 65535:
+            raise ConfigError(f"openai_port must be -1 (off) or in [0, 65535], got {self.openai_port}")
         return self
 
     def engine_env(self) -> dict[str, str]:
@@ -98,6 +117,10 @@ class ServeConfig:
             env["TRIDENT_KV_CACHE_MB"] = str(self.kv_cache_mb)
         if self.num_threads:
             env["TRIDENT_NUM_THREADS"] = str(self.num_threads)
+        if self.router_policy:
+            env["TRIDENT_ROUTER_POLICY"] = self.router_policy
+        if self.disagg_threshold >= 0:
+            env["TRIDENT_ROUTER_DISAGG_THRESHOLD"] = str(self.disagg_threshold)
         return env
 
     @classmethod

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from plugins.base import Engine
@@ -42,6 +42,7 @@ from trident.worker_io import (
     encode_chunk_outputs,
     parse_generate_inputs,
 )
+from trident.worker_events import WorkerEvents
 from trident.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class _InFlight:
     last: float = 0.0
     generated: int = 0
     aborted: bool = False
+    closed: bool = False  # the final response is being / has been sent
+    # Serializes is_cancelled() (poller) against the final send (engine thread): once the
+    # final response is out, Triton releases the request and asking about it is invalid.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) -> Engine:
@@ -76,10 +81,18 @@ def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) 
 class DecodeWorker:
     """One worker model instance serving one engine. See the module docstring for threads."""
 
-    def __init__(self, name: str, engine: Engine, metrics: WorkerMetrics | None = None, poll_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        metrics: WorkerMetrics | None = None,
+        poll_s: float = 0.05,
+        events: WorkerEvents | None = None,
+    ) -> None:
         self.name = name
         self.engine = engine
         self.metrics = metrics
+        self.events = events  # KV events + load for the router (trident.worker_events)
         self.poll_s = poll_s
         self._inflight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
@@ -98,6 +111,12 @@ class DecodeWorker:
             "worker=%s ready: model=%s device=%s blocks=%d x %d tokens, max_model_len=%d",
             self.name, info.model_id, info.device, info.num_blocks, info.block_size, info.max_model_len,
         )
+        if self.events is not None:
+            try:
+                self.events.start(self.engine)
+            except BaseException:
+                self.engine.shutdown()
+                raise
         self._poller.start()
 
     def execute(self, requests: list[Any]) -> None:
@@ -118,6 +137,9 @@ class DecodeWorker:
             self.engine.abort(parsed.request_id)
             close_quietly(sender)
             return
+        vocab = self.engine.info().vocab_size
+        if parsed.first_token_id is not None and parsed.first_token_id >= vocab:
+            raise ValidationError("first_token", f"token id {parsed.first_token_id} outside the vocabulary [0, {vocab})")
         with self._lock:
             if parsed.request_id in self._inflight:
                 raise ValidationError("request_id", f"{parsed.request_id!r} is already running on {self.name}")
@@ -126,7 +148,10 @@ class DecodeWorker:
             self.engine.submit(parsed, self._sink)
         except BaseException:
             with self._lock:
-                self._inflight.pop(parsed.request_id, None)
+                entry = self._inflight.pop(parsed.request_id, None)
+            if entry is not None:
+                with entry.lock:
+                    entry.closed = True  # execute() sends the error response
             raise
         if self.metrics is not None:
             self.metrics.record_request(len(parsed.prompt_token_ids))
@@ -144,15 +169,23 @@ class DecodeWorker:
         pb = pb_utils()
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.finished else 0
         try:
-            if chunk.finish_reason == FINISH_ERROR:
-                send_final_error(entry.sender, chunk.error or f"worker {self.name}: engine error")
+            if chunk.finished:
+                with entry.lock:
+                    entry.closed = True
+                    self._send(entry, chunk, flags)
             else:
-                response = pb.InferenceResponse(output_tensors=tensors(encode_chunk_outputs(chunk)))
-                entry.sender.send(response, flags=flags)
+                self._send(entry, chunk, flags)
         except Exception as exc:  # the client went away: stop generating for it
             logger.info("worker=%s request_id=%s: send failed (%s); aborting", self.name, chunk.request_id, exc)
             if not chunk.finished:
                 self._to_abort.append(chunk.request_id)
+
+    def _send(self, entry: _InFlight, chunk: TokenChunk, flags: int) -> None:
+        if chunk.finish_reason == FINISH_ERROR:
+            send_final_error(entry.sender, chunk.error or f"worker {self.name}: engine error")
+        else:
+            pb = pb_utils()
+            entry.sender.send(pb.InferenceResponse(output_tensors=tensors(encode_chunk_outputs(chunk))), flags=flags)
 
     def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
         n = len(chunk.token_ids)
@@ -180,10 +213,13 @@ class DecodeWorker:
             for request_id, entry in entries:
                 if entry.aborted:
                     continue
-                try:
-                    cancelled = entry.request.is_cancelled()
-                except Exception:  # the request is already gone on the server side
-                    cancelled = True
+                with entry.lock:
+                    if entry.closed:
+                        continue
+                    try:
+                        cancelled = entry.request.is_cancelled()
+                    except Exception:  # the request is already gone on the server side
+                        cancelled = True
                 if cancelled:
                     entry.aborted = True
                     logger.info("worker=%s request_id=%s cancelled by the client", self.name, request_id)
@@ -194,7 +230,10 @@ class DecodeWorker:
                 next_flush = now + 0.25
 
     def shutdown(self) -> None:
-        """Stop polling, then shut the engine down (which finishes requests with "abort")."""
+        """Leave the router, stop polling, then shut the engine down (which finishes requests
+        with "abort")."""
+        if self.events is not None:
+            self.events.close()
         self._stop.set()
         if self._poller.is_alive():
             self._poller.join(timeout=5)

@@ -11,9 +11,14 @@ Worker inputs (all optional; a generation needs `input_ids`):
   stop_token_ids INT32 [-1], ignore_eos BOOL [1],
   abort_request_id STRING [1] — abort that request instead of generating (one empty final
   response answers it).
+  Disaggregation (`router_ensemble/disagg.py`): hold_kv BOOL [1] (prefill: keep the prompt's
+  KV under a lease and return its descriptor), kv_descriptor STRING [1] + first_token
+  INT32 [1] (decode: pull the prompt's KV from the prefill worker and continue after the
+  first token, which is not sent again; max_tokens counts it).
 Worker outputs (every response): output_ids INT32 [-1], finish_reason STRING [1] ("" until
 the last), num_input_tokens INT32 [1], num_output_tokens INT32 [1] (this response's),
-cached_tokens INT32 [1].
+cached_tokens INT32 [1], kv_descriptor STRING [1] (b"" except on the last response of a
+hold_kv request).
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from trident.types import GenerateRequest, SamplingParams, TokenChunk
 
 WORKER_INPUTS = (
     "input_ids", "request_id", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
-    "seed", "stop_token_ids", "ignore_eos", "abort_request_id",
+    "seed", "stop_token_ids", "ignore_eos", "abort_request_id", "hold_kv", "kv_descriptor", "first_token",
 )
-WORKER_OUTPUTS = ("output_ids", "finish_reason", "num_input_tokens", "num_output_tokens", "cached_tokens")
+WORKER_OUTPUTS = ("output_ids", "finish_reason", "num_input_tokens", "num_output_tokens", "cached_tokens", "kv_descriptor")
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -91,6 +96,16 @@ def get_str(arrays: Arrays, name: str, default: str | None = None) -> str | None
     if value is None:
         return default
     return to_text(name, value)
+
+
+def get_bytes(arrays: Arrays, name: str) -> bytes | None:
+    """The raw bytes of a single STRING/BYTES input, or None when absent."""
+    value = one_value(arrays, name)
+    if value is None:
+        return None
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    raise ValidationError(name, f"must be bytes, got {type(value).__name__}")
 
 
 def get_str_list(arrays: Arrays, name: str) -> tuple[str, ...]:
@@ -155,6 +170,11 @@ def encode_generate_inputs(request: GenerateRequest) -> dict[str, np.ndarray]:
         out["seed"] = np.array([s.seed], dtype=np.uint64)
     if s.stop_token_ids:
         out["stop_token_ids"] = np.asarray(s.stop_token_ids, dtype=np.int32)
+    if request.hold_kv:
+        out["hold_kv"] = np.array([True], dtype=np.bool_)
+    if request.kv_import is not None:
+        out["kv_descriptor"] = np.array([request.kv_import], dtype=np.object_)
+        out["first_token"] = np.array([request.first_token_id or 0], dtype=np.int32)
     return out
 
 
@@ -171,7 +191,19 @@ def parse_generate_inputs(arrays: Arrays, default_request_id: str) -> GenerateRe
         raise ValidationError("input_ids", "is required")
     ids = get_int_list(arrays, "input_ids")
     request_id = get_str(arrays, "request_id") or default_request_id
-    return GenerateRequest(request_id=request_id, prompt_token_ids=ids, sampling=parse_sampling(arrays))
+    kv_import = get_bytes(arrays, "kv_descriptor")
+    first_token = get_int(arrays, "first_token")
+    if kv_import is not None and not kv_import:
+        raise ValidationError("kv_descriptor", "must not be empty")
+    if first_token is not None and first_token < 0:
+        raise ValidationError("first_token", f"must be a token id >= 0, got {first_token}")
+    if (kv_import is None) != (first_token is None):
+        missing = "first_token" if first_token is None else "kv_descriptor"
+        raise ValidationError(missing, "kv_descriptor and first_token go together")
+    return GenerateRequest(
+        request_id=request_id, prompt_token_ids=ids, sampling=parse_sampling(arrays),
+        hold_kv=get_bool(arrays, "hold_kv"), kv_import=kv_import, first_token_id=first_token,
+    )
 
 
 # ---- worker -> router ---------------------------------------------------------------
@@ -182,6 +214,7 @@ def encode_chunk_outputs(chunk: TokenChunk) -> dict[str, np.ndarray]:
         "num_input_tokens": np.array([chunk.num_prompt_tokens], dtype=np.int32),
         "num_output_tokens": np.array([len(chunk.token_ids)], dtype=np.int32),
         "cached_tokens": np.array([chunk.num_cached_tokens], dtype=np.int32),
+        "kv_descriptor": np.array([chunk.kv_export or b""], dtype=np.object_),
     }
 
 
@@ -194,6 +227,7 @@ def decode_chunk_outputs(arrays: Arrays, request_id: str) -> TokenChunk:
         finish_reason=reason,
         num_prompt_tokens=get_int(arrays, "num_input_tokens", 0) or 0,
         num_cached_tokens=get_int(arrays, "cached_tokens", 0) or 0,
+        kv_export=get_bytes(arrays, "kv_descriptor") or None,
     )
 
 

@@ -93,14 +93,14 @@ def test_input_ids_are_accepted(client: RouterClient) -> None:
 
 def test_sixteen_concurrent_requests_complete_on_both_workers(triton_server: ServerInfo) -> None:
     results: dict[int, list] = {}
-    errors: list[BaseException] = []
+    errors: list[str] = []
 
     def one(i: int) -> None:
         try:
             with RouterClient(triton_server.grpc_url) as c:
                 results[i] = c.generate(messages=CHAT_FRANCE, max_tokens=16, temperature=0.0, stream=bool(i % 2))
         except BaseException as exc:  # reported below
-            errors.append(exc)
+            errors.append(f"request {i}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:

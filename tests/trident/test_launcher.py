@@ -15,8 +15,8 @@ import pytest
 
 from trident.errors import ConfigError, TridentError
 from trident.launcher import (
-    STUB_NAME,
     SHM_DIR,
+    STUB_NAME,
     Launcher,
     group_pids,
     locate_tritonserver,
@@ -176,3 +176,26 @@ def test_restricted_api_rejects_a_load_without_the_key(toy_repo: Path, tmp_path:
         assert ModelControl(ep.http_url, launcher.key).is_ready("decode")
     finally:
         launcher.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_trident_serve_stops_cleanly_on_a_signal(toy_repo: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "trident", "serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+           "--model-repository", str(toy_repo), "--server-log", str(tmp_path / "server.log")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            break
+    assert any("/v2/models/router/generate_stream" in line for line in lines), lines
+    server_pid = int(next(line for line in lines if "started tritonserver (pid" in line).split("pid ")[1].split(",")[0])
+    assert group_pids(server_pid)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    assert group_pids(server_pid) == set()
+    assert not list(SHM_DIR.glob(f"triton_python_backend_shm_region_trident{proc.pid}x*"))

@@ -25,12 +25,15 @@ class TritonPythonModel:
         _add_trident_root(args)
         from trident.triton_utils import model_parameters, setup_logging
         from trident.worker import DecodeWorker, build_engine
+        from trident.worker_events import WorkerEvents
         from trident.worker_metrics import WorkerMetrics
 
         name = args["model_name"]
         setup_logging(name)
         params = model_parameters(json.loads(args["model_config"]))
-        self.worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name))
+        self.worker = DecodeWorker(
+            name, build_engine(name, params, args), WorkerMetrics(name), events=WorkerEvents.from_params(name, params)
+        )
         self.worker.start()
 
     def execute(self, requests: list) -> None:
