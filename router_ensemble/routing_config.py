@@ -7,12 +7,12 @@ Keys are the same in the router model's config.pbtxt parameters and in environme
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 from router_ensemble.policies import POLICIES
 from trident.errors import ConfigError
+from trident.settings import load_settings
 
 ENV_PREFIX = "TRIDENT_ROUTER_"
 
@@ -60,35 +60,4 @@ class RouterConfig:
     def from_mapping(
         cls, params: Mapping[str, str], env: Mapping[str, str] | None = None
     ) -> RouterConfig:
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if _unset(raw):
-                raw = params.get(f.name)
-            if _unset(raw):
-                continue
-            values[f.name] = _coerce(f.name, str(f.type), str(raw))
-        return replace(cls(), **values).validate()
-
-
-def _unset(raw: object) -> bool:
-    return raw is None or (isinstance(raw, str) and (raw.strip() == "" or raw.startswith("${")))
-
-
-def _coerce(name: str, kind: str, raw: str) -> object:
-    try:
-        if kind == "bool":
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return raw.strip()
-    except ValueError:
-        raise ConfigError(f"{name}: cannot parse {raw!r} as {kind}") from None
+        return load_settings(cls, params, env, ENV_PREFIX)

@@ -12,6 +12,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+# One real tritonserver per test session, shared by every package that needs it.
+from tests.integration.server_fixture import triton_server  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 
 from trident.errors import ConfigError
+from trident.settings import coerce
 
 ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -144,7 +145,7 @@ class ServeConfig:
                 raw = env.get(ENV_PREFIX + f.name.upper())
                 if raw is None or raw.strip() == "":
                     continue
-            values[f.name] = _coerce(f.name, f.type, raw)
+            values[f.name] = coerce(f.name, f.type, raw)
         return replace(cls(), **values).validate()
 
 
@@ -162,16 +163,3 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             help=f"{_HELP[f.name]} [env {env_name}, default {default!r}]",
         )
     return parser
-
-
-def _coerce(name: str, type_name: object, raw: object) -> object:
-    kind = str(type_name)
-    text = str(raw).strip()
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}: cannot parse {text!r} as {kind}") from None
-    return text

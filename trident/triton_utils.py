@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from trident.settings import is_unset
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -21,11 +23,6 @@ def pb_utils() -> Any:
     import triton_python_backend_utils
 
     return triton_python_backend_utils
-
-
-def is_unset(value: object) -> bool:
-    """A config.pbtxt parameter counts as unset when missing, empty or an unexpanded ${...}."""
-    return value is None or (isinstance(value, str) and (value.strip() == "" or value.strip().startswith("${")))
 
 
 def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:

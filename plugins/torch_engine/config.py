@@ -7,11 +7,11 @@ treats "" and unexpanded "${...}" values as unset, so a template config.pbtxt wo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 from trident.errors import ConfigError
+from trident.settings import load_settings
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 
@@ -54,36 +54,4 @@ class TorchEngineConfig:
     @classmethod
     def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> TorchEngineConfig:
         """Build from string parameters (config.pbtxt), then `TRIDENT_*` env vars override."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get("TRIDENT_" + f.name.upper())
-            if _unset(raw):
-                raw = params.get(f.name)
-            if _unset(raw):
-                continue
-            values[f.name] = _coerce(f.name, f.type, str(raw))
-        return replace(cls(), **values).validate()
-
-
-def _unset(raw: object) -> bool:
-    return raw is None or (isinstance(raw, str) and (raw.strip() == "" or raw.startswith("${")))
-
-
-def _coerce(name: str, type_name: object, raw: str) -> object:
-    kind = str(type_name)
-    try:
-        if kind == "bool":
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return raw
-    except ValueError:
-        raise ConfigError(f"{name}: cannot parse {raw!r} as {kind}") from None
+        return load_settings(cls, params, env)

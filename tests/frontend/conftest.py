@@ -14,13 +14,7 @@ import pytest
 
 from frontend.args import FrontendConfig
 from frontend.main import BackgroundFrontend, serve_in_thread
-from tests.integration.server_fixture import (  # noqa: F401  (triton_server is a fixture)
-    ServerInfo,
-    triton_server,
-)
-
-# Each conftest that imports the session fixture gets its own tritonserver: when the
-# fixture moves to tests/conftest.py, drop `triton_server` above (and in tests/integration).
+from tests.integration.server_fixture import ServerInfo
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 API_KEY = "e2e-secret"
@@ -38,7 +32,7 @@ def start_frontend(server: ServerInfo, **overrides: object) -> BackgroundFronten
 
 
 @pytest.fixture(scope="session")
-def frontend_server(triton_server: ServerInfo) -> Iterator[BackgroundFrontend]:  # noqa: F811
+def frontend_server(triton_server: ServerInfo) -> Iterator[BackgroundFrontend]:
     frontend = start_frontend(triton_server)
     try:
         yield frontend

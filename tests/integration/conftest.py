@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.server_fixture import triton_server  # noqa: F401  (fixture)
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
