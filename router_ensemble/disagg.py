@@ -23,7 +23,8 @@ The `Orchestrator` calls this on the request's thread once the decode worker is 
    raises `EngineError` naming the prefill worker; no lease exists then. A decode failure
    after a successful prefill raises `EngineError` too: the decode worker releases the lease
    after its pull, and a lease nobody pulls expires after the prefill worker's `lease_ttl_s`
-   (so a decode worker that dies mid-handoff strands no prefill blocks).
+   (so a decode worker that dies mid-handoff strands no prefill blocks). So does the lease of
+   a request that ends with its first token (EOS, a stop string, a client cancel).
 4. `Route.close()` (the orchestrator's `finally`) gives the prefill slot back if the prefill
    call never ran (an error or a cancellation first).
 
@@ -102,11 +103,19 @@ class DisaggConfig:
 
 
 class Disaggregator:
-    """Decides local vs remote prefill per request; counts this router's prefills in flight."""
+    """Decides local vs remote prefill per request; counts this router's prefills in flight.
 
-    def __init__(self, config: DisaggConfig, directory: WorkerDirectory) -> None:
+    `client`, when given, makes the prefill calls instead of the orchestrator's client; inside
+    Triton it is BLS wrapped in a `WatchedWorkerClient` fed by `removals`, because Triton never
+    answers a call that reaches a model while it unloads: the watch notices the worker is no
+    longer ready and the request is prefilled locally instead of hanging.
+    """
+
+    def __init__(self, config: DisaggConfig, directory: WorkerDirectory, client: ChunkClient | None = None) -> None:
         self.config = config.validate()
         self.directory = directory
+        self.client = client
+        self._removed: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
         self._next = 0
         self._lock = threading.Lock()
@@ -149,6 +158,20 @@ class Disaggregator:
         with self._lock:
             self._inflight[worker] = max(0, self._inflight.get(worker, 0) - 1)
 
+    def removals(self, worker: str) -> int:
+        """A counter that changes once `worker` is found not ready (`WatchedWorkerClient`)."""
+        probe = self.directory.probe
+        if probe is None:
+            return 0  # a fixed list: never removed
+        try:
+            ready = bool(probe(worker))
+        except Exception:  # an unknown model may raise instead of answering False
+            ready = False
+        with self._lock:
+            if not ready:
+                self._removed[worker] = self._removed.get(worker, 0) + 1
+            return self._removed.get(worker, 0)
+
     def is_gone(self, worker: str) -> bool:
         """After a failed call: re-scan the pool; True when `worker` is no longer ready."""
         self.directory.invalidate()
@@ -179,9 +202,10 @@ class Route:
     def chunks(self, client: ChunkClient, request: GenerateRequest) -> Iterator[TokenChunk]:
         if self.prefill is None:
             return client.generate(self.decode, request)
+        prefill_client = self._owner.client if self._owner is not None and self._owner.client else client
         if self.prefill_only:
-            return self._prefill_only(client, self.prefill, request)
-        return self._disaggregated(client, self.prefill, request)
+            return self._prefill_only(prefill_client, client, self.prefill, request)
+        return self._disaggregated(prefill_client, client, self.prefill, request)
 
     def close(self) -> None:
         """Give the prefill slot back if the prefill call never ran. Idempotent."""
@@ -190,10 +214,12 @@ class Route:
             self._owner._give_back(self.prefill)
 
     # -- the flows ----------------------------------------------------------------------
-    def _prefill_only(self, client: ChunkClient, prefill: str, request: GenerateRequest) -> Iterator[TokenChunk]:
+    def _prefill_only(
+        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
+    ) -> Iterator[TokenChunk]:
         started = False
         try:
-            for chunk in client.generate(prefill, request):
+            for chunk in prefill_client.generate(prefill, request):
                 started = True
                 yield chunk
         except TridentError as exc:
@@ -204,9 +230,11 @@ class Route:
         finally:
             self.close()
 
-    def _disaggregated(self, client: ChunkClient, prefill: str, request: GenerateRequest) -> Iterator[TokenChunk]:
+    def _disaggregated(
+        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
+    ) -> Iterator[TokenChunk]:
         try:
-            final, tokens = self._run_prefill(client, prefill, request)
+            final, tokens = self._run_prefill(prefill_client, prefill, request)
         except TridentError as exc:
             if not self._gone(prefill, exc):
                 raise
@@ -239,7 +267,8 @@ class Route:
         pool is re-scanned after any failure; a worker that is still ready failed for real.
         """
         self.close()
-        gone = isinstance(exc, WorkerUnavailable) or (self._owner is not None and self._owner.is_gone(prefill))
+        rescanned_gone = self._owner is not None and self._owner.is_gone(prefill)  # also refreshes the pool
+        gone = rescanned_gone or isinstance(exc, WorkerUnavailable)
         if gone:
             logger.warning("prefill worker %s is gone (%s); prefilling on %s", prefill, exc, self.decode)
         return gone
@@ -288,15 +317,20 @@ def select_worker(selector: Any, request_id: str, token_ids: tuple[int, ...]) ->
     return selector.select(request_id, token_ids), 0
 
 
-def build_disaggregator(params: Mapping[str, str], probe: Callable[[str], bool]) -> Disaggregator:
+def build_disaggregator(params: Mapping[str, str], probe: Callable[[str], bool], client: ChunkClient) -> Disaggregator:
     """The router model's `Disaggregator`: config from `params` + environment, prefill workers
-    discovered with `probe` (`is_model_ready` inside Triton) unless `prefill_models` fixes them."""
+    discovered with `probe` (`is_model_ready` inside Triton) unless `prefill_models` fixes them,
+    prefill calls through `client` (BLS) watched for workers that go away."""
+    from router_ensemble.watched_client import WatchedWorkerClient
+
     config = DisaggConfig.from_mapping(params)
     fixed = config.fixed_models
     directory = WorkerDirectory(config.prefill_pool, probe=None if fixed else probe, fixed=fixed)
+    disagg = Disaggregator(config, directory)
+    disagg.client = WatchedWorkerClient(client, disagg.removals)  # type: ignore[arg-type]
     logger.info(
         "disaggregation: %s (prefill pool %s, at most %d prefills in flight per worker)",
         f"prompts with >= {config.disagg_threshold} uncached tokens" if config.disagg_threshold else "off",
         ", ".join(fixed) or f"{config.prefill_pool}*", config.prefill_max_inflight,
     )
-    return Disaggregator(config, directory)
+    return disagg

@@ -90,7 +90,7 @@ class RouterModel:
             self.routing.selector,
             self.routing.watch(BlsWorkerClient()),
             cancel_poll_s=self.config.cancel_poll_ms / 1000.0,
-            disagg=build_disaggregator(params, is_model_ready),
+            disagg=build_disaggregator(params, is_model_ready, BlsWorkerClient()),
         )
         self.pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix=f"{name}-req")
         logger.info("router %s ready (tokenizer %s)", name, self.orchestrator.tokenizer.model_id)

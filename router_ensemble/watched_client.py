@@ -21,6 +21,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 from trident.errors import WorkerUnavailable
@@ -49,23 +51,22 @@ class WatchedWorkerClient:
         poll_s: float = 0.25,
         stall_s: float = 1.0,
         close_timeout_s: float = 30.0,
+        max_streams: int = 512,
     ) -> None:
         self.inner = inner
         self.removals = removals
         self.poll_s = poll_s
         self.stall_s = stall_s
         self.close_timeout_s = close_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="bls-stream")
 
     def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]:
         epoch = self.removals(worker)
         items: queue.SimpleQueue[object] = queue.SimpleQueue()
         stop = threading.Event()
-        pump = threading.Thread(
-            target=self._pump, args=(worker, request, items, stop), name=f"bls-{request.request_id[:12]}", daemon=True
-        )
-        pump.start()
+        pump = self._pool.submit(self._pump, worker, request, items, stop)
         last = time.monotonic()
-        finished = False
+        finished = gone = False
         try:
             while True:
                 try:
@@ -73,7 +74,7 @@ class WatchedWorkerClient:
                 except queue.Empty:
                     silent = time.monotonic() - last
                     if silent >= self.stall_s and self.removals(worker) != epoch:
-                        finished = True  # nothing to abort or wait for: the worker is gone
+                        gone = True  # nothing to abort or wait for
                         raise WorkerUnavailable(
                             f"worker {worker} went away while serving request {request.request_id} "
                             f"(no response for {silent:.1f}s)"
@@ -92,8 +93,8 @@ class WatchedWorkerClient:
                 if finished:
                     return
         finally:
-            if not finished:
-                self._abort_and_wait(worker, request, pump, stop, epoch)
+            if not gone:
+                self._end_stream(worker, request, pump, stop, epoch, abort=not finished)
 
     def _pump(
         self, worker: str, request: GenerateRequest, items: queue.SimpleQueue[object], stop: threading.Event
@@ -116,17 +117,24 @@ class WatchedWorkerClient:
                 logger.warning("worker=%s request_id=%s: closing the stream: %s", worker, request.request_id, exc)
             items.put(_END)
 
-    def _abort_and_wait(
-        self, worker: str, request: GenerateRequest, pump: threading.Thread, stop: threading.Event, epoch: int
+    def _end_stream(
+        self, worker: str, request: GenerateRequest, pump: Future[None], stop: threading.Event, epoch: int, abort: bool
     ) -> None:
-        stop.set()
-        abort = getattr(self.inner, "abort", None)
-        if abort is not None:
-            abort(worker, request.request_id)
+        """Abort if asked, then wait until the helper has drained and closed the BLS stream:
+        the stream must not outlive the router request that opened it (the Python backend
+        crashed the stub when it did)."""
+        if abort:
+            stop.set()
+            abort_fn = getattr(self.inner, "abort", None)
+            if abort_fn is not None:
+                abort_fn(worker, request.request_id)
         deadline = time.monotonic() + self.close_timeout_s
-        while pump.is_alive() and time.monotonic() < deadline:
-            pump.join(self.poll_s)
+        while not pump.done() and time.monotonic() < deadline:
+            try:
+                pump.result(timeout=self.poll_s)
+            except FutureTimeout:
+                pass
             if self.removals(worker) != epoch:
                 break
-        if pump.is_alive():
-            logger.warning("worker=%s request_id=%s: stream did not end after abort", worker, request.request_id)
+        if not pump.done():
+            logger.warning("worker=%s request_id=%s: stream did not end", worker, request.request_id)

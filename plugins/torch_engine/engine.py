@@ -57,6 +57,11 @@ class TorchEngine(Engine):
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.config.num_threads:
+            # Also on the starting thread (a worker stub's main thread): set only on the loop
+            # thread, the CPU kernels still used every core (measured: a prefill worker then
+            # slowed a decode worker's steps 3x on a 2-core machine).
+            torch.set_num_threads(self.config.num_threads)
         self._parts = build_parts(self.config)
         p = self._parts
         self.scheduler = Scheduler(p.block_pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self._import_kv)

@@ -190,8 +190,8 @@ def test_disaggregated_equals_aggregated_token_for_token(server: Launcher) -> No
         assert hit >= 16 * (disaggregated[1][-1]["num_input_tokens"] // 16 - 1), hit  # prefix hit on prefill
         assert wait_for(lambda: _used(server, "prefill") == 0, timeout=5), "decode released every lease"
 
-        # Aggregated: the same prompts with the prefill worker unloaded. The router still lists
-        # it for a moment, finds the call failing and the worker gone, and prefills on decode.
+        # Aggregated: the same prompts with the prefill worker unloaded (the router's fallback:
+        # its pool scan finds no prefill worker, or a call to it fails and a re-scan drops it).
         assert server.control is not None
         server.control.unload("prefill")
         assert wait_for(lambda: not server.control.is_ready("prefill"), timeout=30)

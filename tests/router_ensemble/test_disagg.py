@@ -162,6 +162,39 @@ def test_gone_prefill_worker_falls_back_to_local_prefill(tokenizer, engines) -> 
     assert _run(none_ready, PROMPTS[0], 2)[-1].worker == "decode"
 
 
+class HungClient:
+    """A worker that accepted the call and never answers (Triton, for a model unloading under it)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]:
+        self.release.wait(30)
+        raise TridentError("released")
+        yield  # a generator, like every client
+
+
+def test_a_prefill_worker_that_hangs_and_goes_away_is_bypassed(tokenizer, engines) -> None:
+    from router_ensemble.watched_client import WatchedWorkerClient
+
+    ready = {"prefill": True}
+    directory = WorkerDirectory("prefill", probe=lambda name: ready.get(name, False), refresh_s=60)
+    disagg = Disaggregator(DisaggConfig(disagg_threshold=THRESHOLD), directory)
+    hung = HungClient()
+    disagg.client = WatchedWorkerClient(hung, disagg.removals, poll_s=0.05, stall_s=0.2)
+    orch = Orchestrator(tokenizer, RoundRobinSelector(WorkerDirectory("decode", fixed=("decode",))),
+                        EngineWorkerClient(engines), disagg=disagg)
+    threading.Timer(0.5, lambda: ready.update(prefill=False)).start()  # unloaded while the call hangs
+    try:
+        start = time.monotonic()
+        out = _run(orch, PROMPTS[1], 4)
+        assert out[-1].worker == "decode" and len(_ids(out)) == 4
+        assert 0.5 < time.monotonic() - start < 10
+        assert disagg.inflight() == {} and directory.workers() == ()
+    finally:
+        hung.release.set()
+
+
 def test_prefill_failures_are_clear_errors(tokenizer, engines) -> None:
     # A worker without a shareable pool cannot hand its KV over.
     orch = _orchestrator(tokenizer, engines, prefill=("reference",))
