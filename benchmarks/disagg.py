@@ -78,6 +78,8 @@ def stream_one(client: RouterClient, kind: str, ids: list[int], max_tokens: int)
             last = now
     except Exception as exc:  # counted and reported; the benchmark goes on
         sample.error = str(exc)
+    if not sample.error and not sample.tokens:
+        sample.error = "the stream ended without a token"
     return sample
 
 
@@ -234,19 +236,24 @@ def main() -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=128)
     parser.add_argument("--dtype", default="", help="engine dtype ('' = the model config's auto)")
     parser.add_argument("--modes", default="aggregated,disaggregated")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating the order (ABBA)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
 
-    results: dict[str, dict[str, Any]] = {}
+    modes = args.modes.split(",")
+    samples: dict[str, list[Sample]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory(prefix="trident-bench-") as tmp:
-        for name in args.modes.split(","):
-            prefill, decode = MODES[name]
-            print(f"{name}: starting {prefill} prefill + {decode} decode workers ...", flush=True)
-            with server(args, prefill, decode, tmp) as grpc_url:
-                warm_up(grpc_url, args)
-                results[name] = summarize(Load(args).run(grpc_url))
+        for repeat in range(args.repeats):
+            for name in modes if repeat % 2 == 0 else modes[::-1]:  # ABBA: drifts hit both alike
+                prefill, decode = MODES[name]
+                print(f"{name} ({repeat + 1}/{args.repeats}): {prefill} prefill + {decode} decode workers, "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                with server(args, prefill, decode, tmp) as grpc_url:
+                    warm_up(grpc_url, args)
+                    samples[name].extend(Load(args).run(grpc_url))
+    results = {name: summarize(samples[name]) for name in modes}
     print_table(results)
     write_json(args.json, {"benchmark": "disagg", "args": vars(args), "results": results})
     if {"aggregated", "disaggregated"} <= set(results):

@@ -154,10 +154,24 @@ def run_policy(args: argparse.Namespace, policy: str, requests: list[Request], n
             warm_up(ep.grpc_url, launcher.decode_models)
             time.sleep(1.0)  # the router subscribes to every worker's events
             results, wall = replay(ep.grpc_url, requests, args)
-            metrics = router_metrics(ep.metrics_url)
+            metrics = router_metrics(ep.metrics_url) if len(results) == len(requests) else {}
         finally:
             launcher.stop(grace_s=5.0)
     return summarize(policy, results, wall, metrics)
+
+
+def run_policy_with_retries(args: argparse.Namespace, policy: str, requests: list[Request], num_blocks: int) -> dict[str, Any]:
+    """A run whose server failed (errors, or requests never sent) is repeated on a fresh server,
+    up to `--attempts` times; the failed attempts' errors are kept in the result."""
+    failures: list[str] = []
+    for _ in range(args.attempts):
+        run = run_policy(args, policy, requests, num_blocks)
+        if not run["errors"] and run["requests"] == len(requests):
+            break
+        failures.append(f"{run['requests']} of {len(requests)} sent, errors: {run['errors'][:2]}")
+        print(f"{policy:>12}: attempt failed ({failures[-1]}); retrying on a fresh server", flush=True)
+    run["failed_attempts"] = failures
+    return run
 
 
 def warm_up(grpc_url: str, workers: list[str]) -> None:
@@ -188,7 +202,8 @@ def replay(grpc_url: str, requests: list[Request], args: argparse.Namespace) -> 
         last: dict[str, Any] = {}
         try:
             for response in client().stream(
-                messages=r.messages, max_tokens=args.answer_tokens, ignore_eos=True, temperature=0.0, stream=True
+                messages=r.messages, max_tokens=args.answer_tokens, ignore_eos=True, temperature=0.0, stream=True,
+                timeout=60.0,
             ):
                 if not first and response.get("output_ids"):
                     first = time.perf_counter() - sent
@@ -207,6 +222,8 @@ def replay(grpc_url: str, requests: list[Request], args: argparse.Namespace) -> 
             delay = start + r.at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            if any(f.done() and f.result().error for f in futures):
+                break  # the server failed; run_policy retries on a fresh one
             futures.append(pool.submit(one, r))
         results = [f.result() for f in futures]
     for c in clients:
@@ -261,6 +278,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3, help="decode replicas")
     parser.add_argument("--running-per-worker", type=int, default=4, help="pool headroom, in requests")
     parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--attempts", type=int, default=3, help="fresh servers to try per policy if one fails")
     parser.add_argument("--policies", default="kv,round_robin,random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -283,7 +301,7 @@ def main() -> None:
     runs = []
     for policy in args.policies.split(","):
         t0 = time.monotonic()
-        run = run_policy(args, policy.strip(), requests, num_blocks)
+        run = run_policy_with_retries(args, policy.strip(), requests, num_blocks)
         runs.append(run)
         print(
             f"{run['policy']:>12}: TTFT mean {run['ttft_mean_s'] * 1e3:7.0f} ms  p90 {run['ttft_p90_s'] * 1e3:7.0f} ms  "

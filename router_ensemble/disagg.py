@@ -118,12 +118,18 @@ class Disaggregator:
         self._removed: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
         self._next = 0
+        self._announced = False
         self._lock = threading.Lock()
 
     def route(
         self, request_id: str, decode: str, prompt_tokens: int, cached_tokens: int, sampling: SamplingParams
     ) -> Route:
         """The route of one request; remote prefill only when it pays off and a worker is free."""
+        if not self._announced:
+            # Logged at the first request, not at start: inside Triton, logging from
+            # `initialize` while another thread probes models has crashed tritonserver 2.51.
+            self._announced = True
+            logger.info("disaggregation: %s", self.describe())
         threshold = self.config.disagg_threshold
         uncached = max(0, prompt_tokens - cached_tokens)
         if threshold <= 0 or uncached < threshold:
@@ -135,6 +141,12 @@ class Disaggregator:
             logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, why, decode)
             return Route(decode)
         return Route(decode, prefill, self, prefill_only=sampling.max_tokens == 1)
+
+    def describe(self) -> str:
+        c = self.config
+        when = f"prompts with >= {c.disagg_threshold} uncached tokens" if c.disagg_threshold else "off"
+        pool = ", ".join(c.fixed_models) or f"{c.prefill_pool}*"
+        return f"{when} (prefill pool {pool}, at most {c.prefill_max_inflight} prefills in flight per worker)"
 
     def inflight(self) -> dict[str, int]:
         with self._lock:
@@ -328,9 +340,4 @@ def build_disaggregator(params: Mapping[str, str], probe: Callable[[str], bool],
     directory = WorkerDirectory(config.prefill_pool, probe=None if fixed else probe, fixed=fixed)
     disagg = Disaggregator(config, directory)
     disagg.client = WatchedWorkerClient(client, disagg.removals)  # type: ignore[arg-type]
-    logger.info(
-        "disaggregation: %s (prefill pool %s, at most %d prefills in flight per worker)",
-        f"prompts with >= {config.disagg_threshold} uncached tokens" if config.disagg_threshold else "off",
-        ", ".join(fixed) or f"{config.prefill_pool}*", config.prefill_max_inflight,
-    )
     return disagg

@@ -3,7 +3,7 @@ assignments that the report cannot reflect yet.
 
 Workers report every ~0.5 s. A burst of requests between two reports would otherwise all see
 the same numbers and all go to the same worker, so each decision is recorded as *pending*
-(the request's uncached prefill blocks and its total blocks) and counted on top of the report
+(the request's uncached blocks, as prefill work and as new KV memory) and counted on top of the report
 until a report received at least `grace_s` after the assignment arrives (by then the engine
 has queued the request and counts it itself), the request is released (it finished), or
 `max_age_s` passes (no reports at all).

@@ -3,8 +3,16 @@
 `kv` (the default) is Dynamo's KV-aware cost, lower is better:
 
     cost(w) = overlap_weight * prefill_blocks(w) + decode_blocks(w)
-    prefill_blocks(w) = request_blocks - overlap_blocks(w) + prefill backlog of w
+    prefill_blocks(w) = new_blocks(w) + prefill backlog of w
     decode_blocks(w)  = active blocks of w (last load report + the router's pending assignments)
+                        + new_blocks(w)
+    new_blocks(w)     = request_blocks - overlap_blocks(w)
+
+As in Dynamo, the decode term is the worker's *potential* active blocks: what it holds now plus
+the blocks this request would add there. Blocks a worker already caches are shared, not added,
+so a cache hit saves twice: less prefill and less new KV memory. Without the second term a
+worker running one request of a shared-prefix group (its active blocks include the whole
+prefix) looks busier than an idle worker by more than the hit saves, and the group scatters.
 
 `overlap_weight` trades prefill work saved by a cache hit against decode load (Dynamo's
 default 1.0; higher favours cache hits, lower favours balance). At `temperature == 0` the
@@ -65,8 +73,9 @@ class KvPolicy(Policy):
 
     def cost(self, candidate: Candidate, request_blocks: int) -> float:
         load = candidate.load
-        prefill = request_blocks - candidate.overlap_blocks + load.prefill_blocks
-        return self.overlap_weight * prefill + load.active_blocks
+        new_blocks = request_blocks - candidate.overlap_blocks
+        prefill = new_blocks + load.prefill_blocks
+        return self.overlap_weight * prefill + load.active_blocks + new_blocks
 
     def select(self, candidates: Sequence[Candidate], request_blocks: int) -> Candidate:
         costs = [self.cost(c, request_blocks) for c in candidates]

@@ -206,9 +206,8 @@ class KvRouter:
         with self._sched_lock:
             options = [Candidate(w, overlaps.get(w, 0), self.loads.view(w)) for w in pool]
             chosen = self.policy.select(options, request_blocks)
-            self.loads.assign(
-                chosen.worker_id, request_blocks - chosen.overlap_blocks, request_blocks, request_id
-            )
+            new_blocks = request_blocks - chosen.overlap_blocks  # cached blocks are shared
+            self.loads.assign(chosen.worker_id, new_blocks, new_blocks, request_id)
         if self.approximate:
             self.index.assume_cached(chosen.worker_id, hashes)
         t3 = time.perf_counter()

@@ -18,6 +18,7 @@ from typing import Any
 
 from router_ensemble.bls_client import BlsWorkerClient, is_model_ready
 from router_ensemble.disagg import build_disaggregator
+from router_ensemble.kv_selection import KvRouting
 from router_ensemble.orchestrator import Orchestrator
 from router_ensemble.router_io import (
     ROUTER_INPUTS,
@@ -26,7 +27,6 @@ from router_ensemble.router_io import (
     encode_router_outputs,
     parse_router_inputs,
 )
-from router_ensemble.kv_selection import KvRouting
 from router_ensemble.worker_pool import WorkerDirectory
 from trident.errors import ConfigError, TridentError
 from trident.tokenizer import load_tokenizer

@@ -36,13 +36,13 @@ from trident.triton_utils import (
     tensors,
 )
 from trident.types import FINISH_ERROR, TokenChunk
+from trident.worker_events import WorkerEvents
 from trident.worker_io import (
     WORKER_INPUTS,
     AbortCommand,
     encode_chunk_outputs,
     parse_generate_inputs,
 )
-from trident.worker_events import WorkerEvents
 from trident.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,19 @@ def cand(
 
 def test_kv_cost_is_dynamos() -> None:
     policy = KvPolicy(overlap_weight=2.0)
-    # w * (request - overlap + backlog) + active
-    assert policy.cost(cand("a", overlap=3, active=7, prefill=2), request_blocks=10) == 2.0 * 9 + 7
+    # w * (new + backlog) + active + new, new = request - overlap (potential active blocks)
+    assert policy.cost(cand("a", overlap=3, active=7, prefill=2), request_blocks=10) == 2.0 * 9 + 7 + 7
+
+
+def test_a_busy_prefix_holder_keeps_its_group() -> None:
+    # running one request of the group, the holder's active blocks include the shared prefix
+    # (33 of 38 blocks); the idle worker would add all 38 blocks: the holder still wins
+    policy = KvPolicy()
+    holder, idle = cand("holder", overlap=33, active=40), cand("idle")
+    assert policy.cost(holder, 38) == 5 + 40 + 5 < policy.cost(idle, 38) == 38 + 38
+    assert policy.select([idle, holder], 38).worker_id == "holder"
+    # much busier, it spills
+    assert policy.select([idle, cand("holder", overlap=33, active=80)], 38).worker_id == "idle"
 
 
 def test_kv_prefers_overlap_then_load() -> None:
@@ -41,10 +52,10 @@ def test_kv_prefers_overlap_then_load() -> None:
         KvPolicy(overlap_weight=3.0).select([cand("a", 0), cand("b", 8, active=20)], 10).worker_id
         == "b"
     )
-    # weight 0: pure decode load
+    # weight 0: no prefill term, only potential decode blocks (a: 20 + 1, b: 4 + 10)
     assert (
         KvPolicy(overlap_weight=0.0)
-        .select([cand("a", 9, active=5), cand("b", 0, active=4)], 10)
+        .select([cand("a", 9, active=20), cand("b", 0, active=4)], 10)
         .worker_id
         == "b"
     )

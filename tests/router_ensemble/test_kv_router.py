@@ -53,8 +53,11 @@ def test_routes_to_the_worker_holding_the_prefix() -> None:
     assert decision.hashing_us > 0 and decision.lookup_us > 0 and decision.schedule_us > 0
     by_hashes = router.decide(block_hashes=HASHES)
     assert by_hashes.overlaps["decode_2"] == 9 and by_hashes.prompt_tokens == 12 * BS
-    # decode_2 now carries the first request's 13 pending blocks: cost 3 + 13 > decode_1's 8
-    assert by_hashes.worker_id == "decode_1"
+    # decode_2 carries the first request's 4 new blocks as pending prefill and decode load:
+    # (3 + 4) + (4 + 3) = 14 still beats decode_1's (8) + (0 + 8) = 16
+    assert by_hashes.worker_id == "decode_2"
+    # with the second one pending too, (3 + 7) + (7 + 3) = 20 > 16: the next goes to decode_1
+    assert router.decide(block_hashes=HASHES).worker_id == "decode_1"
 
 
 def test_load_outweighs_a_small_overlap() -> None:
