@@ -10,10 +10,16 @@ and answers for every policy.
 For each policy the real stack is started through Trident's launcher (`trident serve
 --decode 3 --router-policy P`, one torch thread per worker) with a KV pool per worker that
 holds about half of the groups' system prompts plus the running requests, so the cluster holds
-them all and placement decides the hit rate. Requests are streamed over gRPC; TTFT is the
-time to the first streamed response at the client. The oracle hit rate is that of one worker
-with an unbounded prefix cache, replayed offline over the same prompts in the same order with
-the engine's rules (chained block hashes, full blocks, at least one prompt token computed).
+them all and placement decides the hit rate. The kv policy runs with `--overlap-weight`
+(default 2; the router's own default is Dynamo's 1.0): on these CPU engines prefill dominates
+TTFT, so a cache hit is worth more than the KV memory it keeps busy, which is what the weight
+says; at 1.0 the router spills a busy group to an idle worker more often.
+
+Requests are streamed over gRPC; TTFT is the time to the first streamed response at the
+client. The oracle hit rate is that of one worker with an unbounded prefix cache, replayed
+offline over the same prompts in the same order with the engine's rules (chained block
+hashes, full blocks, at least one prompt token computed). A run whose server fails is
+repeated on a fresh one (`--attempts`); the JSON keeps the failed attempts' errors.
 
     python -m benchmarks.routing [--json PATH] [--policies kv,round_robin,random]
 
@@ -38,6 +44,7 @@ import httpx
 
 from benchmarks.common import percentile, setup_logging, write_json
 from kv_manager.hashing import hash_blocks
+from trident.errors import TridentError
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
 from trident.serve_config import ServeConfig
@@ -101,11 +108,13 @@ def build_workload(args: argparse.Namespace, tokenizer: Tokenizer) -> list[Reque
                 ids = tuple(tokenizer.encode(text, add_special_tokens=False))
                 items.append((g, u, json.dumps(messages), ids))
     rng.shuffle(items)
+    gaps = [rng.expovariate(1.0) for _ in items[1:]]
+    scale = (len(items) - 1) / args.rate / sum(gaps)  # Poisson arrivals at exactly `rate` on average
     t = 0.0
     requests = []
-    for g, u, messages, ids in items:
+    for (g, u, messages, ids), gap in zip(items, [0.0, *gaps], strict=True):
+        t += gap * scale
         requests.append(Request(g, u, messages, ids, t))
-        t += rng.expovariate(args.rate)
     return requests
 
 
@@ -142,6 +151,7 @@ def pool_blocks(args: argparse.Namespace, requests: list[Request]) -> int:
 
 def run_policy(args: argparse.Namespace, policy: str, requests: list[Request], num_blocks: int) -> dict[str, Any]:
     os.environ["TRIDENT_NUM_BLOCKS"] = str(num_blocks)  # the engines read it (TorchEngineConfig)
+    os.environ["TRIDENT_ROUTER_OVERLAP_WEIGHT"] = str(args.overlap_weight)  # the router reads it (RouterConfig)
     with tempfile.TemporaryDirectory(prefix="trident-routing-") as tmp:
         config = ServeConfig(
             http_port=0, grpc_port=0, metrics_port=0, decode=args.workers, num_threads=1,
@@ -152,7 +162,7 @@ def run_policy(args: argparse.Namespace, policy: str, requests: list[Request], n
         try:
             ep = launcher.start()
             warm_up(ep.grpc_url, launcher.decode_models)
-            time.sleep(1.0)  # the router subscribes to every worker's events
+            time.sleep(1.0)  # the workers' first load reports and snapshots reach the router
             results, wall = replay(ep.grpc_url, requests, args)
             metrics = router_metrics(ep.metrics_url) if len(results) == len(requests) else {}
         finally:
@@ -165,7 +175,12 @@ def run_policy_with_retries(args: argparse.Namespace, policy: str, requests: lis
     up to `--attempts` times; the failed attempts' errors are kept in the result."""
     failures: list[str] = []
     for _ in range(args.attempts):
-        run = run_policy(args, policy, requests, num_blocks)
+        try:
+            run = run_policy(args, policy, requests, num_blocks)
+        except TridentError as exc:  # the server did not start
+            run = summarize(policy, [], 0.0, {})
+            run["errors"] = [str(exc).splitlines()[0]]
+            run["requests"] = 0
         if not run["errors"] and run["requests"] == len(requests):
             break
         failures.append(f"{run['requests']} of {len(requests)} sent, errors: {run['errors'][:2]}")
@@ -175,11 +190,14 @@ def run_policy_with_retries(args: argparse.Namespace, policy: str, requests: lis
 
 
 def warm_up(grpc_url: str, workers: list[str]) -> None:
-    """One unrelated request per worker, straight to it, so first-call costs stay out."""
+    """One unrelated request per worker, straight to it, so first-call costs stay out; then one
+    through the router, whose first request subscribes it to every worker's events."""
     ids = list(range(1000, 1000 + 200))
     for worker in workers:
         with RouterClient(grpc_url, model=worker) as client:
             client.generate(input_ids=ids, max_tokens=4, ignore_eos=True, temperature=0.0)
+    with RouterClient(grpc_url) as client:
+        client.generate(input_ids=ids, max_tokens=4, ignore_eos=True, temperature=0.0)
 
 
 def replay(grpc_url: str, requests: list[Request], args: argparse.Namespace) -> tuple[list[Result], float]:
@@ -263,6 +281,7 @@ def summarize(policy: str, results: list[Result], wall: float, metrics: dict[str
         "requests_per_worker": dict(sorted(per_worker.items())),
         "load_max_over_mean": max(per_worker.values()) / mean_load if per_worker else float("nan"),
         **metrics,
+        "per_request": [[r.group, r.worker, round(r.ttft, 4), r.cached_tokens] for r in results],
     }
 
 
@@ -270,15 +289,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=6)
     parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--questions", type=int, default=2, help="questions per user")
+    parser.add_argument("--questions", type=int, default=4, help="questions per user")
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--question-tokens", type=int, default=64)
     parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=0.5, help="offered load, requests/s")
+    parser.add_argument("--rate", type=float, default=0.6, help="offered load, requests/s")
     parser.add_argument("--workers", type=int, default=3, help="decode replicas")
     parser.add_argument("--running-per-worker", type=int, default=4, help="pool headroom, in requests")
     parser.add_argument("--max-in-flight", type=int, default=64)
     parser.add_argument("--attempts", type=int, default=3, help="fresh servers to try per policy if one fails")
+    parser.add_argument(
+        "--overlap-weight", type=float, default=2.0,
+        help="kv policy's overlap weight (router default 1.0, Dynamo's); 2 suits prefill-bound CPU engines",
+    )
     parser.add_argument("--policies", default="kv,round_robin,random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -292,9 +315,10 @@ def main() -> None:
     oracle = oracle_hit_rate(requests)
     num_blocks = pool_blocks(args, requests)
     mean_prompt = sum(len(r.prompt_ids) for r in requests) / len(requests)
+    offered = (len(requests) - 1) / requests[-1].at  # the realised rate of the seeded schedule
     print(
         f"workload: {len(requests)} requests ({args.groups} groups x {args.users} users x {args.questions}), "
-        f"prompts {mean_prompt:.0f} tokens, answers {args.answer_tokens}, {args.rate} req/s offered; "
+        f"prompts {mean_prompt:.0f} tokens, answers {args.answer_tokens}, {offered:.2f} req/s offered; "
         f"{args.workers} decode workers x {num_blocks} KV blocks; oracle hit rate {oracle:.1%}",
         flush=True,
     )
@@ -313,7 +337,7 @@ def main() -> None:
     by_policy = {r["policy"]: r for r in runs}
     write_json(args.json, {
         "benchmark": "routing", "workload": {**vars(args), "requests": len(requests), "mean_prompt_tokens": mean_prompt,
-                                             "kv_blocks_per_worker": num_blocks},
+                                             "kv_blocks_per_worker": num_blocks, "offered_rps": offered},
         "oracle_hit_rate": oracle, "runs": runs,
     })
     kv, rr = by_policy.get("kv"), by_policy.get("round_robin")

@@ -9,7 +9,10 @@ worker frees the request's blocks and no response is left behind.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +32,37 @@ logger = logging.getLogger(__name__)
 def is_model_ready(name: str) -> bool:
     """Probe for `WorkerDirectory`: whether the server has `name` loaded and ready."""
     return bool(pb_utils().is_model_ready(model_name=name))
+
+
+# A finished BLS response iterator keeps every response it received, and the numpy arrays of
+# their tensors. Whoever drops the last reference destroys them: if that is the stub's C++
+# cleanup thread (it holds a reference until the server confirms the request is done), the
+# arrays are freed without the GIL and the stub's heap is corrupted (segfaults under load,
+# seen on Triton 2.51: PbTensor::~PbTensor -> numpy array_dealloc from
+# Stub::ServiceStubToParentRequests). So finished iterators are kept here for a while and
+# released on a request thread, after the stub has let go of them.
+_RETIRE_AFTER_S = 10.0
+_retired: collections.deque[tuple[float, Any]] = collections.deque()
+_retired_lock = threading.Lock()
+
+
+def _retire(responses: Any) -> None:
+    now = time.monotonic()
+    with _retired_lock:
+        _retired.append((now, responses))
+        expired = []
+        while _retired and now - _retired[0][0] > _RETIRE_AFTER_S:
+            expired.append(_retired.popleft()[1])
+    del expired  # the last references go here, on this Python thread, holding the GIL
+
+
+def release_retired() -> None:
+    """Drop every retired iterator now; the router model calls it in `finalize` (at interpreter
+    exit the stub's shared memory is gone and freeing them then crashes)."""
+    with _retired_lock:
+        expired = list(_retired)
+        _retired.clear()
+    del expired
 
 
 class BlsWorkerClient:
@@ -55,13 +89,16 @@ class BlsWorkerClient:
             # response) so that the stub releases the BLS response iterator.
             for _ in responses:
                 pass
+            _retire(responses)
 
     def abort(self, worker: str, request_id: str) -> None:
         """Ask `worker` to abort `request_id` (no-op if it already finished)."""
         try:
-            for response in self._exec(worker, encode_abort_inputs(request_id), ()):
+            responses = self._exec(worker, encode_abort_inputs(request_id), ())
+            for response in responses:
                 if response.has_error():
                     logger.warning("worker=%s abort of %s: %s", worker, request_id, response.error().message())
+            _retire(responses)
         except Exception as exc:  # the worker may be unloading; its own cleanup frees blocks
             logger.warning("worker=%s abort of %s failed: %s", worker, request_id, exc)
 

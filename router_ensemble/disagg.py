@@ -36,15 +36,14 @@ owns the leased blocks until it frees them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from router_ensemble.worker_pool import WorkerDirectory
 from trident.errors import ConfigError, EngineError, TridentError, WorkerUnavailable
-from trident.triton_utils import is_unset
+from trident.settings import load_settings
 from trident.types import FINISH_LENGTH, GenerateRequest, SamplingParams, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -86,20 +85,7 @@ class DisaggConfig:
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> DisaggConfig:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if is_unset(raw):
-                raw = params.get(f.name)
-            if is_unset(raw):
-                continue
-            text = str(raw).strip()
-            try:
-                values[f.name] = int(text) if f.type == "int" else text
-            except ValueError:
-                raise ConfigError(f"{f.name}: cannot parse {text!r} as an integer") from None
-        return replace(cls(), **values).validate()
+        return load_settings(cls, params, env, ENV_PREFIX)
 
 
 class Disaggregator:

@@ -6,16 +6,25 @@
   `least_loaded`; every policy sees the same index and loads, so they can be compared);
 - a `KvEventSubscriber` listening to each worker's ipc socket (`trident.kv_endpoints`: the
   socket name is the worker's model name, so discovery needs nothing but model names);
-- a background thread ("kv-routing") that re-reads the `WorkerDirectory` (which replicas are
-  ready) every `refresh_s`, subscribes to new workers and drops unloaded ones (their index
-  entries go with them), and flushes the routing metrics;
+- worker discovery on request threads: before each decision the `WorkerDirectory` (which
+  replicas are ready; it re-probes at most every couple of seconds) is compared with the
+  subscriptions, new workers are subscribed and unloaded ones dropped (their index entries go
+  with them);
 - `selector`: the orchestrator's `WorkerSelector`; candidates are the directory's ready
   workers minus those the router removed (they left or stopped reporting);
+- `after_request()`: the router model calls it on the request thread once the final response
+  is out; it pushes the routing metrics to the server.
+
+Nothing here calls `pb_utils` from a thread of its own: the Python backend's stub aborts
+(boost::interprocess::lock_exception) when a thread that is not serving a request talks to
+the server, most readily while the model is still initializing. The subscriber's thread only
+reads ZMQ sockets.
 - `watch(client)`: the orchestrator's `WorkerClient`, wrapped so that a request on a worker
   that disappears ends with an error instead of hanging (`watched_client`).
 
 Who calls it: `router_ensemble.triton_router.RouterModel` builds it in `initialize` with
-`from_params`, calls `start()`, and `close()` in `finalize` (idempotent).
+`from_params`, calls `start()`, `after_request()` at the end of each request, and `close()`
+in `finalize` (idempotent).
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 
 class KvRouting:
-    """See the module docstring. Thread-safe: request threads use `selector` and the watched
-    client; the background thread owns subscriptions and metrics flushing."""
+    """See the module docstring. Thread-safe: every method may be called from any request
+    thread; subscriptions change under a lock, metric flushes never wait for each other."""
 
     def __init__(
         self,
@@ -48,12 +57,10 @@ class KvRouting:
         socket_dir: Path,
         *,
         exporter_name: str = "",
-        refresh_s: float = 1.0,
     ) -> None:
         self.directory = directory
         self.config = config
         self.socket_dir = socket_dir
-        self.refresh_s = refresh_s
         self.router = KvRouter(config)
         self.subscriber = KvEventSubscriber(self.router)
         self.exporter = RoutingMetricsExporter(exporter_name, self.router) if exporter_name else None
@@ -63,8 +70,9 @@ class KvRouting:
             on_decision=self.exporter.observe if self.exporter is not None else None,
         )
         self._subscribed: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._started = False
 
     @classmethod
     def from_params(
@@ -78,10 +86,9 @@ class KvRouting:
         return WatchedWorkerClient(client, self.router.removals)
 
     def start(self) -> KvRouting:
-        if self._thread is None:
+        if not self._started:
             self.subscriber.start()
-            self._thread = threading.Thread(target=self._loop, name="kv-routing", daemon=True)
-            self._thread.start()
+            self._started = True
             logger.info(
                 "kv routing: policy=%s block_size=%d events from %s",
                 self.config.policy, self.config.block_size, self.socket_dir,
@@ -89,43 +96,42 @@ class KvRouting:
         return self
 
     def _ready_workers(self) -> tuple[str, ...]:
-        """Request threads: the directory's ready workers, re-probed at once if it knows none
-        (workers that became ready since the last scan, e.g. right after start)."""
+        """Request threads, before each decision: the directory's ready workers (re-probed at
+        once if it knows none, e.g. right after start), with subscriptions brought in line."""
         ready = self.directory.workers()
         if not ready:
             self.directory.invalidate()
             ready = self.directory.workers()
-        return ready
+        return self.sync_workers(ready)
 
-    def sync_workers(self) -> tuple[str, ...]:
+    def sync_workers(self, ready: tuple[str, ...] | None = None) -> tuple[str, ...]:
         """Subscribe to workers that became ready, drop those that are gone; returns the ready ones."""
-        ready = self.directory.workers()
-        for worker in ready:
-            if worker not in self._subscribed:
-                endpoint = events_endpoint(worker, self.socket_dir)
-                self.subscriber.add_worker(WorkerEndpoint(worker, endpoint))
-                self._subscribed.add(worker)
-        for worker in self._subscribed - set(ready):
-            logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)
-            self.subscriber.remove_worker(worker)
-            self._subscribed.discard(worker)
+        if ready is None:
+            ready = self.directory.workers()
+        with self._sync_lock:
+            for worker in ready:
+                if worker not in self._subscribed:
+                    endpoint = events_endpoint(worker, self.socket_dir)
+                    self.subscriber.add_worker(WorkerEndpoint(worker, endpoint, reports_load=True))
+                    self._subscribed.add(worker)
+            for worker in self._subscribed - set(ready):
+                logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)
+                self.subscriber.remove_worker(worker)
+                self._subscribed.discard(worker)
         return ready
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync_workers()
-            except Exception:  # discovery must keep running whatever one probe does
-                logger.exception("kv routing: worker discovery failed")
-            if self.exporter is not None:
-                self.exporter.flush()
-            self._stop.wait(self.refresh_s)
+    def after_request(self) -> None:
+        """Request thread, after its final response: push routing metrics to the server. If
+        another thread is flushing, skip: its flush or the next one carries this request."""
+        if self.exporter is None or not self._flush_lock.acquire(blocking=False):
+            return
+        try:
+            self.exporter.flush()
+        finally:
+            self._flush_lock.release()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._started = False
         self.subscriber.close()
         if self.exporter is not None:
             self.exporter.close()

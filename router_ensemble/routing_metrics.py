@@ -13,9 +13,10 @@ Families (every metric labelled `router` = the router model's name):
   (cached / prompt tokens) since the router started;
 - `trident_router_live_workers`: workers the router currently routes to.
 
-Request threads only append decisions to a deque (`observe`); `flush()` runs on the routing
-background thread (`router_ensemble.kv_selection`) once a second and turns counters of
-`RouterMetrics` into increments, as each metric update is an IPC call to the server.
+Request threads append decisions to a deque (`observe`); `flush()` runs on a request thread
+once its final response is out (`KvRouting.after_request`, one flush at a time) and turns
+counters of `RouterMetrics` into increments. Each metric update is an IPC call to the server,
+so none is made while a decision is being taken.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class RoutingMetricsExporter:
         self._pending.append(decision)
 
     def flush(self) -> None:
-        """Background thread: push what happened since the last flush."""
+        """Request thread (one at a time): push what happened since the last flush."""
         try:
             while self._pending:
                 d = self._pending.popleft()

@@ -6,8 +6,10 @@ resync runs, a DEALER socket to the worker's resync (ROUTER) endpoint. What arri
 `KvRouter`: event batches go to its index in sequence order (`router_ensemble.sync` decides
 when to clear, apply, hold and resync), load reports to its load table, and a worker enters
 the router on its first message and leaves on "leave" or when its load reports stop for
-`worker_timeout_s` (its index entries go with it). Workers that never send load reports (plain
-vLLM) are never timed out.
+`worker_timeout_s` (its index entries go with it). A worker subscribed as `reports_load`
+(Trident's, which heartbeat from the moment they are ready) that says nothing for
+`worker_timeout_s` after subscribing is removed too (it died before its first report).
+Workers that never send load reports (plain vLLM) are never timed out.
 
 Resync modes per worker: "snapshot" (Trident publishers: one reply rebuilds the worker),
 "replay" (vLLM's replay endpoint: the missed batches), "none"; "auto" picks snapshot once the
@@ -47,6 +49,7 @@ class WorkerEndpoint:
     resync_endpoint: str = ""  # its ROUTER address; "" = learn it from the worker's reports
     resync: str = "auto"
     hashes: str = "native"  # "tokens": the engine hashes its own way (vLLM, SGLang); see translate
+    reports_load: bool = False  # True: it heartbeats load reports (Trident workers); see _check_timers
 
     def validate(self) -> WorkerEndpoint:
         if not self.worker_id:
@@ -73,6 +76,7 @@ class _Conn:
         "translator",
         "live",
         "last_report",
+        "waiting_since",
         "learned",
         "resync_kind",
         "warned",
@@ -88,6 +92,7 @@ class _Conn:
         self.sync = StreamSync(spec.worker_id)
         self.live = False
         self.last_report: float | None = None
+        self.waiting_since: float | None = None  # subscribed, nothing heard yet (None: not timing)
         self.learned = ""  # resync endpoint the worker announced
         self.resync_kind = ""  # "snapshot" | "replay" | "waiting" while a resync is in flight
         self.warned = False
@@ -221,6 +226,8 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(spec.endpoint)
         conn = _Conn(spec, sub, self.router.block_size)
+        if spec.reports_load:  # it heartbeats from the moment it is ready: time its first word
+            conn.waiting_since = self._clock()
         self._conns[spec.worker_id] = conn
         self._owner[sub] = conn
         self._poller.register(sub, zmq.POLLIN)
@@ -291,6 +298,7 @@ class KvEventSubscriber:
         wid = conn.spec.worker_id
         if not conn.live:
             conn.live = True
+            conn.waiting_since = None
             self.router.add_worker(wid)
         if not conn.warned and reported_id and reported_id != wid:
             conn.warned = True
@@ -411,6 +419,15 @@ class KvEventSubscriber:
                     now - conn.last_report,
                 )
                 self._drop(conn)
+            elif conn.waiting_since is not None and now - conn.waiting_since > self.worker_timeout_s:
+                # ready in Triton but silent since we subscribed (died before its first report)
+                logger.warning(
+                    "kv subscriber: worker=%s has not reported in %.1fs since subscribing; routing elsewhere",
+                    conn.spec.worker_id,
+                    now - conn.waiting_since,
+                )
+                conn.waiting_since = None
+                self.router.remove_worker(conn.spec.worker_id)
 
     # ------------------------------------------------------------ sockets and status
 

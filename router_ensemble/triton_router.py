@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from router_ensemble.bls_client import BlsWorkerClient, is_model_ready
+from router_ensemble.bls_client import BlsWorkerClient, is_model_ready, release_retired
 from router_ensemble.disagg import build_disaggregator
 from router_ensemble.kv_selection import KvRouting
 from router_ensemble.orchestrator import Orchestrator
@@ -29,10 +28,10 @@ from router_ensemble.router_io import (
 )
 from router_ensemble.worker_pool import WorkerDirectory
 from trident.errors import ConfigError, TridentError
+from trident.settings import load_settings
 from trident.tokenizer import load_tokenizer
 from trident.triton_utils import (
     close_quietly,
-    is_unset,
     pb_utils,
     read_inputs,
     send_final_error,
@@ -55,25 +54,18 @@ class RouterModelConfig:
     max_concurrency: int = 256  # request threads per router instance
     cancel_poll_ms: int = 100
 
+    def validate(self) -> RouterModelConfig:
+        if self.max_concurrency <= 0 or self.cancel_poll_ms <= 0:
+            raise ConfigError("max_concurrency and cancel_poll_ms must be positive")
+        return self
+
     @classmethod
     def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterModelConfig:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for key, default in ((f.name, f.default) for f in fields(cls)):
-            env_key = "TRIDENT_MODEL" if key == "model" else "TRIDENT_ROUTER_" + key.upper()
-            raw = env.get(env_key)
-            if is_unset(raw):
-                raw = params.get(key)
-            if is_unset(raw):
-                continue
-            try:
-                values[key] = type(default)(str(raw).strip())
-            except ValueError:
-                raise ConfigError(f"{key}: cannot parse {raw!r}") from None
-        config = cls(**values)
-        if config.max_concurrency <= 0 or config.cancel_poll_ms <= 0:
-            raise ConfigError("max_concurrency and cancel_poll_ms must be positive")
-        return config
+        return load_settings(cls, params, env, env_key=_env_key)
+
+
+def _env_key(key: str) -> str:
+    return "TRIDENT_MODEL" if key == "model" else "TRIDENT_ROUTER_" + key.upper()
 
 
 class RouterModel:
@@ -120,6 +112,7 @@ class RouterModel:
             else:
                 logger.exception("router %s: unexpected error", self.name)
                 self._send_error(sender, f"internal error in router {self.name}: {exc}")
+        self.routing.after_request()  # the final response is out: routing metrics to the server
 
     @staticmethod
     def _send_error(sender: Any, exc: BaseException | str) -> None:
@@ -132,6 +125,7 @@ class RouterModel:
         logger.debug("router %s: finalize", self.name)
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.routing.close()
+        release_retired()
         logger.debug("router %s: finalized", self.name)
 
 

@@ -21,8 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 from trident.errors import WorkerUnavailable
@@ -51,20 +49,21 @@ class WatchedWorkerClient:
         poll_s: float = 0.25,
         stall_s: float = 1.0,
         close_timeout_s: float = 30.0,
-        max_streams: int = 512,
     ) -> None:
         self.inner = inner
         self.removals = removals
         self.poll_s = poll_s
         self.stall_s = stall_s
         self.close_timeout_s = close_timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="bls-stream")
 
     def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]:
         epoch = self.removals(worker)
         items: queue.SimpleQueue[object] = queue.SimpleQueue()
         stop = threading.Event()
-        pump = self._pool.submit(self._pump, worker, request, items, stop)
+        pump = threading.Thread(
+            target=self._pump, args=(worker, request, items, stop), name=f"bls-{request.request_id[:12]}", daemon=True
+        )  # a daemon: the helper of a dead worker's stream never returns
+        pump.start()
         last = time.monotonic()
         finished = gone = False
         try:
@@ -118,23 +117,20 @@ class WatchedWorkerClient:
             items.put(_END)
 
     def _end_stream(
-        self, worker: str, request: GenerateRequest, pump: Future[None], stop: threading.Event, epoch: int, abort: bool
+        self, worker: str, request: GenerateRequest, pump: threading.Thread, stop: threading.Event, epoch: int, abort: bool
     ) -> None:
-        """Abort if asked, then wait until the helper has drained and closed the BLS stream:
-        the stream must not outlive the router request that opened it (the Python backend
-        crashed the stub when it did)."""
+        """Abort if asked, then wait until the helper has drained and closed the inner stream,
+        so that a closed stream has ended (the `WorkerClient` contract) and no BLS stream
+        outlives the router request that opened it."""
         if abort:
             stop.set()
             abort_fn = getattr(self.inner, "abort", None)
             if abort_fn is not None:
                 abort_fn(worker, request.request_id)
         deadline = time.monotonic() + self.close_timeout_s
-        while not pump.done() and time.monotonic() < deadline:
-            try:
-                pump.result(timeout=self.poll_s)
-            except FutureTimeout:
-                pass
+        while pump.is_alive() and time.monotonic() < deadline:
+            pump.join(self.poll_s)
             if self.removals(worker) != epoch:
                 break
-        if not pump.done():
+        if pump.is_alive():
             logger.warning("worker=%s request_id=%s: stream did not end", worker, request.request_id)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -26,11 +25,9 @@ from kv_manager.publisher import KVEventPublisher
 from plugins.base import Engine
 from trident.errors import ConfigError
 from trident.kv_endpoints import events_dir, events_endpoint
+from trident.settings import load_settings
 
 logger = logging.getLogger(__name__)
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,34 +39,16 @@ class WorkerEventsConfig:
     kv_events_poll_ms: float = 10.0
     kv_load_report_ms: float = 500.0
 
+    def validate(self) -> WorkerEventsConfig:
+        for key in ("kv_events_poll_ms", "kv_load_report_ms"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        return self
+
     @classmethod
     def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> WorkerEventsConfig:
-        env = os.environ if env is None else env
-
-        def raw(key: str) -> str:
-            value = (env.get("TRIDENT_" + key.upper()) or "").strip()
-            if not value or value.startswith("${"):
-                value = (params.get(key) or "").strip()
-            return "" if value.startswith("${") else value
-
-        values: dict[str, object] = {}
-        enabled = raw("kv_events").lower()
-        if enabled:
-            if enabled not in _TRUE + _FALSE:
-                raise ConfigError(f"kv_events: expected true or false, got {enabled!r}")
-            values["kv_events"] = enabled in _TRUE
-        for key in ("kv_events_poll_ms", "kv_load_report_ms"):
-            text = raw(key)
-            if not text:
-                continue
-            try:
-                value = float(text)
-            except ValueError:
-                raise ConfigError(f"{key}: cannot parse {text!r} as a number") from None
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{key} must be positive, got {text}")
-            values[key] = value
-        return cls(**values)  # type: ignore[arg-type]
+        return load_settings(cls, params, env)
 
 
 class WorkerEvents:

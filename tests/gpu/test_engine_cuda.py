@@ -54,7 +54,7 @@ def test_engine_on_cuda_matches_transformers(tiny_model_dir, dtype):
             assert solo == expected
             assert [batch[f"b{i}"] for i in range(len(PROMPTS))] == expected
         else:  # bf16 rounding may flip a late near-tie; the first tokens must agree
-            assert all(s[:4] == e[:4] for s, e in zip(solo, expected))
+            assert all(s[:4] == e[:4] for s, e in zip(solo, expected, strict=False))
         assert eng.stats().active_blocks == 0
     finally:
         eng.shutdown()

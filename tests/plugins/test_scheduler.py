@@ -6,7 +6,7 @@ from __future__ import annotations
 from kv_manager.block_pool import BlockPool
 from plugins.torch_engine.sampler import make_state
 from plugins.torch_engine.scheduler import Scheduler
-from plugins.torch_engine.sequence import Sequence, SeqStatus
+from plugins.torch_engine.sequence import SeqStatus, Sequence
 from trident.types import GenerateRequest, SamplingParams
 
 

@@ -94,7 +94,7 @@ def test_chunked_prefill_and_preemption_keep_outputs(tiny_model_dir, tiny_hf_mod
     try:
         reqs = [GenerateRequest(f"r{i}", tuple(range(3 + i, 40 + i)), _greedy(8)) for i in range(4)]
         out = _run(eng, reqs)
-        for i, r in enumerate(reqs):
+        for r in reqs:
             assert _tokens(out[r.request_id]) == _hf_greedy(tiny_hf_model, list(r.prompt_token_ids), 8)
         assert eng.stats().preemptions > 0
         assert eng.stats().active_blocks == 0

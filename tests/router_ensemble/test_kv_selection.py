@@ -46,7 +46,7 @@ def ready() -> set[str]:
 def routing(tmp_path: Path, ready: set[str]) -> Iterator[KvRouting]:
     directory = WorkerDirectory("decode", probe=lambda name: name in ready, refresh_s=0.0)
     config = RouterConfig(block_size=BS, seed=0, worker_timeout_s=0.5)
-    kv = KvRouting(directory, config, tmp_path, refresh_s=0.05).start()
+    kv = KvRouting(directory, config, tmp_path).start()
     yield kv
     kv.close()
 
@@ -62,7 +62,8 @@ def test_discovers_workers_and_routes_to_the_prefix_holder(
         hashes = hash_blocks(PROMPT, BS)
         b.publish([BlockStored(tuple(hashes[:8]), None, (), BS)])
 
-        def tick() -> None:
+        def tick() -> None:  # request threads sync the subscriptions; here the test does
+            routing.sync_workers()
             a.report_load(STATS)
             b.report_load(STATS)
 
@@ -84,7 +85,10 @@ def test_silent_worker_is_skipped_and_none_ready_is_an_error(
     routing: KvRouting, tmp_path: Path, ready: set[str]
 ) -> None:
     with publisher("decode", tmp_path) as a, publisher("decode_1", tmp_path) as b:
-        wait_until(lambda: set(routing.router.workers()) == ready, tick=lambda: (a.report_load(STATS), b.report_load(STATS)))
+        wait_until(
+            lambda: set(routing.router.workers()) == ready,
+            tick=lambda: (routing.sync_workers(), a.report_load(STATS), b.report_load(STATS)),
+        )
         # decode_1 stops reporting (its process died): after worker_timeout_s it is skipped
         wait_until(lambda: routing.router.is_down("decode_1"), tick=lambda: a.report_load(STATS))
         assert {routing.selector.select(f"q{i}", PROMPT) for i in range(6)} == {"decode"}

@@ -157,6 +157,21 @@ def test_silent_worker_is_dropped_and_comes_back(router: KvRouter) -> None:
         assert set(router.workers()) == {"decode", "decode_1"}
 
 
+def test_worker_silent_from_the_start_is_removed_until_it_speaks(router: KvRouter, tmp_path) -> None:
+    endpoint = f"ipc://{tmp_path}/decode.kv"
+    with KvEventSubscriber(router, worker_timeout_s=0.3) as sub:
+        sub.add_worker(WorkerEndpoint("decode", endpoint, reports_load=True))
+        sub.add_worker(WorkerEndpoint("plain_vllm", f"ipc://{tmp_path}/vllm.kv"))  # no heartbeat
+        wait_until(lambda: router.is_down("decode"), timeout=3)
+        assert router.removals("decode") == 1
+        assert not router.is_down("plain_vllm") and router.removals("plain_vllm") == 0
+        time.sleep(0.5)
+        assert router.removals("decode") == 1  # removed once, not on every poll
+        with KVEventPublisher("decode", endpoint, block_size=BS) as pub:  # it comes up after all
+            wait_until(lambda: router.workers() == ["decode"], tick=lambda: pub.report_load(STATS))
+            assert not router.is_down("decode")
+
+
 def test_leave_removes_the_worker_at_once(router: KvRouter) -> None:
     with KvEventSubscriber(router) as sub:
         pub = KVEventPublisher("decode", block_size=BS)
