@@ -54,7 +54,27 @@ def test_engine_on_cuda_matches_transformers(tiny_model_dir, dtype):
             assert solo == expected
             assert [batch[f"b{i}"] for i in range(len(PROMPTS))] == expected
         else:  # bf16 rounding may flip a late near-tie; the first tokens must agree
-            assert all(s[:4] == e[:4] for s, e in zip(solo, expected, strict=False))
+            assert all(s[:4] == e[:4] for s, e in zip(solo, expected, strict=True))
         assert eng.stats().active_blocks == 0
+    finally:
+        eng.shutdown()
+
+
+def test_kind_gpu_instance_runs_on_its_device(tiny_model_dir):
+    """What the decode model does for a KIND_GPU instance: `model_instance_device_id` picks the GPU."""
+    from trident.worker import build_engine
+
+    device_id = torch.cuda.device_count() - 1
+    args = {"model_instance_kind": "GPU", "model_instance_device_id": str(device_id)}
+    params = {"model": tiny_model_dir, "dtype": "float32", "block_size": "4", "num_blocks": "64"}
+    before = torch.cuda.memory_allocated(device_id)
+    eng = build_engine("decode", params, args)
+    eng.start()
+    try:
+        assert eng.info().device == f"cuda:{device_id}"
+        assert torch.cuda.memory_allocated(device_id) > before  # weights and KV pool live there
+        sp = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0)
+        out = _collect(eng, [GenerateRequest("g", tuple(PROMPTS[1]), sp)])["g"]
+        assert out == _hf(tiny_model_dir, PROMPTS[1])
     finally:
         eng.shutdown()
