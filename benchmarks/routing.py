@@ -18,7 +18,10 @@ says; at 1.0 the router spills a busy group to an idle worker more often.
 Requests are streamed over gRPC; TTFT is the time to the first streamed response at the
 client. The oracle hit rate is that of one worker with an unbounded prefix cache, replayed
 offline over the same prompts in the same order with the engine's rules (chained block
-hashes, full blocks, at least one prompt token computed). A run whose server fails is
+hashes, full blocks, at least one prompt token computed). The engines run with a step budget
+of `--step-tokens` (256; the engine's default is 512): a one-thread CPU worker takes about a
+second per 512-token chunk, and a request whose prefix is cached should not wait a whole long
+prefill chunk of another request before its own few tokens run. A run whose server fails is
 repeated on a fresh one (`--attempts`); the JSON keeps the failed attempts' errors.
 
     python -m benchmarks.routing [--json PATH] [--policies kv,round_robin,random]
@@ -151,6 +154,7 @@ def pool_blocks(args: argparse.Namespace, requests: list[Request]) -> int:
 
 def run_policy(args: argparse.Namespace, policy: str, requests: list[Request], num_blocks: int) -> dict[str, Any]:
     os.environ["TRIDENT_NUM_BLOCKS"] = str(num_blocks)  # the engines read it (TorchEngineConfig)
+    os.environ["TRIDENT_MAX_NUM_BATCHED_TOKENS"] = str(args.step_tokens)
     os.environ["TRIDENT_ROUTER_OVERLAP_WEIGHT"] = str(args.overlap_weight)  # the router reads it (RouterConfig)
     with tempfile.TemporaryDirectory(prefix="trident-routing-") as tmp:
         config = ServeConfig(
@@ -295,6 +299,10 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--rate", type=float, default=0.6, help="offered load, requests/s")
     parser.add_argument("--workers", type=int, default=3, help="decode replicas")
+    parser.add_argument(
+        "--step-tokens", type=int, default=256,
+        help="engine token budget per step (chunked prefill); smaller steps let a short prompt past a long one",
+    )
     parser.add_argument("--running-per-worker", type=int, default=4, help="pool headroom, in requests")
     parser.add_argument("--max-in-flight", type=int, default=64)
     parser.add_argument("--attempts", type=int, default=3, help="fresh servers to try per policy if one fails")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -30,9 +31,11 @@ from trident.errors import ConfigError, TridentError, ValidationError
 from trident.triton_utils import (
     close_quietly,
     instance_device,
+    model_parameters,
     pb_utils,
     read_inputs,
     send_final_error,
+    setup_logging,
     tensors,
 )
 from trident.types import FINISH_ERROR, TokenChunk
@@ -76,6 +79,19 @@ def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) 
     if device is not None:  # a KIND_GPU instance: honour model_instance_device_id
         changes["device"] = device
     return TorchEngine(dataclasses.replace(config, **changes).validate())
+
+
+def worker_from_args(args: Mapping[str, Any], *, publish_kv_events: bool) -> DecodeWorker:
+    """`initialize` of the decode and prefill models (their model.py): logging, parameters,
+    engine, metrics and, for decode workers, KV-event publishing for this instance. Returns the
+    started worker; the model's `finalize` calls its `shutdown()`."""
+    name = args["model_name"]
+    setup_logging(name)
+    params = model_parameters(json.loads(args["model_config"]))
+    events = WorkerEvents.from_params(name, params) if publish_kv_events else None
+    worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name), events=events)
+    worker.start()
+    return worker
 
 
 class DecodeWorker:

@@ -26,15 +26,9 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from trident.triton_utils import model_parameters, setup_logging
-        from trident.worker import DecodeWorker, build_engine
-        from trident.worker_metrics import WorkerMetrics
+        from trident.worker import worker_from_args
 
-        name = args["model_name"]
-        setup_logging(name)
-        params = model_parameters(json.loads(args["model_config"]))
-        self.worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name))
-        self.worker.start()
+        self.worker = worker_from_args(args, publish_kv_events=False)
 
     def execute(self, requests: list) -> None:
         self.worker.execute(requests)
