@@ -10,6 +10,7 @@ router that missed messages, or started after the worker, can rebuild its view.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -80,14 +81,15 @@ class KVEventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._router: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
+        self._ipc_inodes: dict[str, int] = {}  # path -> inode of the socket files bound here
         try:
             self._pub.setsockopt(zmq.SNDHWM, hwm)
-            self.endpoint = _bind(self._pub, endpoint, "endpoint")
+            self.endpoint = _bind(self._pub, endpoint, "endpoint", self._ipc_inodes)
             self.resync_endpoint = ""
             if resync_endpoint:
                 self._router = self._ctx.socket(zmq.ROUTER)
                 self.resync_endpoint = _bind(
-                    self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint"
+                    self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint", self._ipc_inodes
                 )
         except BaseException:
             self._close_sockets()
@@ -292,10 +294,26 @@ class KVEventPublisher:
         if self._router is not None:
             self._router.close(linger=0)
         self._ctx.term()
+        for address in (getattr(self, "endpoint", ""), getattr(self, "resync_endpoint", "")):
+            _unlink_own_ipc_file(address, self._ipc_inodes)
 
 
-def _bind(sock: zmq.Socket, endpoint: str, field: str) -> str:
-    """Bind to a loopback TCP port (0 = any free port) or an ipc path; return the address."""
+def _unlink_own_ipc_file(address: str, inodes: dict[str, int]) -> None:
+    """libzmq leaves an ipc socket's file behind on close. Remove it, unless it is no longer
+    the file this publisher bound (a replacement worker bound the same path since)."""
+    if not address.startswith("ipc://"):
+        return
+    path = address[len("ipc://"):]
+    try:
+        if os.stat(path).st_ino == inodes.get(path):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _bind(sock: zmq.Socket, endpoint: str, field: str, ipc_inodes: dict[str, int]) -> str:
+    """Bind to a loopback TCP port (0 = any free port) or an ipc path; return the address. An
+    ipc socket file's inode goes into `ipc_inodes` (for `_unlink_own_ipc_file`)."""
     if endpoint.startswith("ipc://"):
         if len(endpoint) <= len("ipc://"):
             raise ConfigError(f"{field}: ipc endpoint needs a path, got {endpoint!r}")
@@ -313,6 +331,9 @@ def _bind(sock: zmq.Socket, endpoint: str, field: str) -> str:
         sock.bind(address)
     except zmq.ZMQError as exc:
         raise ConfigError(f"{field}: cannot bind {endpoint!r}: {exc}") from None
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        ipc_inodes[path] = os.stat(path).st_ino
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

@@ -9,7 +9,8 @@ is opened. The directory is, in order:
    fresh 0700 directory per server and exports it to every model;
 2. otherwise `<tmp>/trident-kv-<uid>/server-<parent pid>`: Python-backend stubs are children
    of tritonserver, so every model of one plain `tritonserver --model-repository ...` agrees
-   on it, and two servers of the same user do not collide.
+   on it, and two servers of the same user do not collide. The last worker to stop removes it
+   (`release_endpoint`).
 
 Directories are created 0700 and refused when another user owns them or others can write
 to them (a socket there could be impersonated).
@@ -17,6 +18,7 @@ to them (a socket there could be impersonated).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -72,3 +74,14 @@ def events_endpoint(worker: str, directory: Path) -> str:
             "use a shorter directory"
         )
     return "ipc://" + path
+
+
+def release_endpoint(endpoint: str) -> None:
+    """A worker's publisher has closed (its socket files are gone): remove the per-server
+    default directory if that leaves it empty. Directories someone configured are kept."""
+    if not endpoint.startswith("ipc://"):
+        return
+    directory = Path(endpoint[len("ipc://"):]).parent
+    if directory.name.startswith("server-") and directory.parent.name == f"trident-kv-{os.getuid()}":
+        with contextlib.suppress(OSError):  # not empty: another worker still publishes there
+            directory.rmdir()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from kv_manager.publisher import KVEventPublisher
 from plugins.base import Engine
 from trident.errors import ConfigError
-from trident.kv_endpoints import events_dir, events_endpoint
+from trident.kv_endpoints import events_dir, events_endpoint, release_endpoint
 from trident.settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -120,3 +120,4 @@ class WorkerEvents:
                 publisher.publish(self._engine.take_events())
         finally:
             publisher.close()
+            release_endpoint(publisher.endpoint)

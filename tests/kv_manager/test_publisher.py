@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -219,3 +220,18 @@ def test_port_in_use_is_a_config_error() -> None:
     with KVEventPublisher("a", block_size=4) as first:
         with pytest.raises(ConfigError, match="cannot bind"):
             KVEventPublisher("b", first.endpoint, block_size=4)
+
+
+def test_ipc_socket_files_are_removed_on_close_unless_replaced(tmp_path) -> None:
+    path = tmp_path / "decode.kv"
+    pub = KVEventPublisher("decode", f"ipc://{path}", block_size=16)
+    assert path.exists() and Path(f"{path}-resync").exists()
+    pub.close()
+    assert not path.exists() and not Path(f"{path}-resync").exists()
+    # a reloaded worker binds the same path before the old instance closes: its file stays
+    old = KVEventPublisher("decode", f"ipc://{path}", block_size=16)
+    new = KVEventPublisher("decode", f"ipc://{path}", block_size=16)
+    old.close()
+    assert path.exists() and Path(f"{path}-resync").exists()
+    new.close()
+    assert not path.exists()

@@ -16,7 +16,7 @@ from router_ensemble.router import KvRouter
 from router_ensemble.routing_config import RouterConfig
 from router_ensemble.subscriber import KvEventSubscriber, WorkerEndpoint
 from trident.errors import ConfigError
-from trident.kv_endpoints import EVENTS_DIR_ENV, events_dir, events_endpoint
+from trident.kv_endpoints import EVENTS_DIR_ENV, events_dir, events_endpoint, release_endpoint
 from trident.serve_config import ServeConfig
 from trident.types import GenerateRequest, SamplingParams
 from trident.worker_events import WorkerEvents, WorkerEventsConfig
@@ -49,6 +49,23 @@ def test_default_dir_is_per_user_and_per_server() -> None:
     assert path.name == f"server-{os.getppid()}"
     assert path.parent.name == f"trident-kv-{os.getuid()}"
     assert path.stat().st_mode & 0o777 == 0o700
+    release_endpoint(events_endpoint("decode", path))  # nothing bound there: it goes again
+    assert not path.exists()
+
+
+def test_last_worker_to_stop_removes_the_default_dir(tmp_path: Path) -> None:
+    server = tmp_path / f"trident-kv-{os.getuid()}" / "server-4242"
+    server.mkdir(parents=True)
+    (server / "decode_1.kv").touch()  # another worker still publishes
+    release_endpoint(events_endpoint("decode", server))
+    assert server.is_dir()
+    (server / "decode_1.kv").unlink()
+    release_endpoint(events_endpoint("decode_1", server))
+    assert not server.exists()
+    configured = tmp_path / "kv"  # TRIDENT_KV_EVENTS_DIR: whoever set it owns it
+    configured.mkdir()
+    release_endpoint(events_endpoint("decode", configured))
+    assert configured.is_dir()
 
 
 def test_unsafe_or_unusable_dirs_are_refused(tmp_path: Path) -> None:
