@@ -12,15 +12,14 @@
   with them);
 - `selector`: the orchestrator's `WorkerSelector`; candidates are the directory's ready
   workers minus those the router removed (they left or stopped reporting);
+- `watch(client)`: the orchestrator's `WorkerClient`, wrapped so that a request on a worker
+  that disappears ends with an error instead of hanging (`watched_client`);
 - `after_request()`: the router model calls it on the request thread once the final response
   is out; it pushes the routing metrics to the server.
 
-Nothing here calls `pb_utils` from a thread of its own: the Python backend's stub aborts
-(boost::interprocess::lock_exception) when a thread that is not serving a request talks to
-the server, most readily while the model is still initializing. The subscriber's thread only
-reads ZMQ sockets.
-- `watch(client)`: the orchestrator's `WorkerClient`, wrapped so that a request on a worker
-  that disappears ends with an error instead of hanging (`watched_client`).
+Nothing here calls `pb_utils` from a thread of its own: the router's stub aborted
+(boost::interprocess::lock_exception) when a background thread started in `initialize` probed
+models and updated metrics. The subscriber's thread only reads ZMQ sockets.
 
 Who calls it: `router_ensemble.triton_router.RouterModel` builds it in `initialize` with
 `from_params`, calls `start()`, `after_request()` at the end of each request, and `close()`
