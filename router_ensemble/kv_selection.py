@@ -68,7 +68,7 @@ class KvRouting:
             workers=self._ready_workers,
             on_decision=self.exporter.observe if self.exporter is not None else None,
         )
-        self._subscribed: set[str] = set()
+        self._subscribed: tuple[str, ...] = ()  # the ready workers of the last sync
         self._sync_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._started = False
@@ -107,16 +107,18 @@ class KvRouting:
         """Subscribe to workers that became ready, drop those that are gone; returns the ready ones."""
         if ready is None:
             ready = self.directory.workers()
+        if ready == self._subscribed:  # every decision passes here: nothing changed, no lock
+            return ready
         with self._sync_lock:
             for worker in ready:
                 if worker not in self._subscribed:
                     endpoint = events_endpoint(worker, self.socket_dir)
                     self.subscriber.add_worker(WorkerEndpoint(worker, endpoint, reports_load=True))
-                    self._subscribed.add(worker)
-            for worker in self._subscribed - set(ready):
-                logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)
-                self.subscriber.remove_worker(worker)
-                self._subscribed.discard(worker)
+            for worker in self._subscribed:
+                if worker not in ready:
+                    logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)
+                    self.subscriber.remove_worker(worker)
+            self._subscribed = ready
         return ready
 
     def after_request(self) -> None:

@@ -51,7 +51,7 @@ class RoutingMetricsExporter:
         self._pending: collections.deque[Decision] = collections.deque()
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
-        self._seen: dict[str, float] = {}  # last exported value of each counter
+        self._seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last exported values
         kinds = {
             "trident_router_decisions_total": ("COUNTER", "Requests routed to each worker"),
             "trident_router_decision_seconds": ("HISTOGRAM", "Time of one routing decision, by phase"),
@@ -79,21 +79,28 @@ class RoutingMetricsExporter:
                 self._increment("trident_router_decisions_total", float(count), worker=worker, policy=self.policy)
             for name, (key, _) in _COUNTERS.items():
                 self._increment(name, float(snap[key]))
-            self._metric("trident_router_cache_hit_rate", kind="predicted").set(snap["predicted_hit_rate"])
-            self._metric("trident_router_cache_hit_rate", kind="served").set(snap["served_hit_rate"])
-            self._metric("trident_router_live_workers").set(float(len(self.router.workers())))
+            self._set("trident_router_cache_hit_rate", snap["predicted_hit_rate"], kind="predicted")
+            self._set("trident_router_cache_hit_rate", snap["served_hit_rate"], kind="served")
+            self._set("trident_router_live_workers", float(len(self.router.workers())))
         except Exception as exc:  # metrics must never take routing down
             logger.warning("routing metrics flush failed: %s", exc)
 
     def _increment(self, name: str, total: float, **labels: str) -> None:
-        key = name + repr(sorted(labels.items()))
+        key = _key(name, labels)
         delta = total - self._seen.get(key, 0.0)
         if delta > 0:
             self._metric(name, **labels).increment(delta)
             self._seen[key] = total
 
+    def _set(self, name: str, value: float, **labels: str) -> None:
+        """Gauges: one IPC call only when the value changed (flushes run once per request)."""
+        key = _key(name, labels)
+        if self._seen.get(key) != value:
+            self._metric(name, **labels).set(value)
+            self._seen[key] = value
+
     def _metric(self, name: str, **labels: str) -> Any:
-        key = (name, tuple(sorted(labels.items())))
+        key = _key(name, labels)
         metric = self._metrics.get(key)
         if metric is None:
             family = self._families[name]
@@ -109,3 +116,7 @@ class RoutingMetricsExporter:
         """Drop metrics before their families (Triton requires that order)."""
         self._metrics.clear()
         self._families.clear()
+
+
+def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))

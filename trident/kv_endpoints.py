@@ -33,6 +33,7 @@ EVENTS_DIR_PARAM = "kv_events_dir"
 SUFFIX = ".kv"
 _MAX_IPC_PATH = 100  # sun_path holds 108 bytes; keep room for "-resync"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SERVER_PREFIX = "server-"  # <default base>/server-<tritonserver pid>
 
 
 def events_dir(params: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Path:
@@ -42,9 +43,13 @@ def events_dir(params: Mapping[str, str] | None = None, env: Mapping[str, str] |
     if raw and not raw.startswith("${"):
         path = Path(raw).expanduser()
         return ensure_private_dir(path, EVENTS_DIR_ENV)
-    base = Path(tempfile.gettempdir()) / f"trident-kv-{os.getuid()}"
+    base = _default_base()
     ensure_private_dir(base, EVENTS_DIR_ENV)
-    return ensure_private_dir(base / f"server-{os.getppid()}", EVENTS_DIR_ENV)
+    return ensure_private_dir(base / f"{_SERVER_PREFIX}{os.getppid()}", EVENTS_DIR_ENV)
+
+
+def _default_base() -> Path:
+    return Path(tempfile.gettempdir()) / f"trident-kv-{os.getuid()}"
 
 
 def ensure_private_dir(path: Path, field: str = EVENTS_DIR_ENV) -> Path:
@@ -82,6 +87,6 @@ def release_endpoint(endpoint: str) -> None:
     if not endpoint.startswith("ipc://"):
         return
     directory = Path(endpoint[len("ipc://"):]).parent
-    if directory.name.startswith("server-") and directory.parent.name == f"trident-kv-{os.getuid()}":
+    if directory.name.startswith(_SERVER_PREFIX) and directory.parent.name == _default_base().name:
         with contextlib.suppress(OSError):  # not empty: another worker still publishes there
             directory.rmdir()

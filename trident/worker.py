@@ -81,14 +81,15 @@ def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) 
     return TorchEngine(dataclasses.replace(config, **changes).validate())
 
 
-def worker_from_args(args: Mapping[str, Any], *, publish_kv_events: bool) -> DecodeWorker:
+def worker_from_args(args: Mapping[str, Any]) -> DecodeWorker:
     """`initialize` of the decode and prefill models (their model.py): logging, parameters,
-    engine, metrics and, for decode workers, KV-event publishing for this instance. Returns the
-    started worker; the model's `finalize` calls its `shutdown()`."""
+    engine, metrics and KV-event publishing (the `kv_events` parameter; the prefill model's
+    config turns it off) for this instance. Returns the started worker; the model's
+    `finalize` calls its `shutdown()`."""
     name = args["model_name"]
     setup_logging(name)
     params = model_parameters(json.loads(args["model_config"]))
-    events = WorkerEvents.from_params(name, params) if publish_kv_events else None
+    events = WorkerEvents.from_params(name, params)
     worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name), events=events)
     worker.start()
     return worker

@@ -17,8 +17,9 @@ import pytest
 
 from frontend.main import BackgroundFrontend
 from tests.frontend.conftest import API_KEY, MODEL_ID
-from tests.integration.helpers import metric_values, wait_for
+from tests.integration.helpers import metric_values
 from tests.integration.server_fixture import ServerInfo
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

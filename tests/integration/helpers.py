@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 import httpx
@@ -36,12 +35,3 @@ def metric_values(metrics_url: str, name: str) -> dict[str, float]:
     for match in re.finditer(rf'^{name}\{{[^}}]*worker="([^"]+)"[^}}]*\}} ([0-9.eE+-]+)$', text, re.M):
         out[match.group(1)] = float(match.group(2))
     return out
-
-
-def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

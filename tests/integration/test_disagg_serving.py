@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.helpers import generate, metric_values, wait_for
+from tests.integration.helpers import generate, metric_values
+from tests.waiting import wait_for
 from trident.launcher import ENGINE_SHM_PREFIX, SHM_DIR, Launcher
 from trident.router_client import RouterClient, to_array
 from trident.serve_config import ServeConfig

@@ -8,8 +8,8 @@ import uuid
 
 import httpx
 
-from tests.integration.helpers import wait_for
 from tests.integration.server_fixture import ServerInfo
+from tests.waiting import wait_for
 from trident.router_client import RouterClient
 
 

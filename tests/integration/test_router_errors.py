@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.helpers import CHAT_FRANCE, generate, metric_values, wait_for
+from tests.integration.helpers import CHAT_FRANCE, generate, metric_values
 from tests.integration.server_fixture import ServerInfo
+from tests.waiting import wait_for
 from trident.router_client import RouterClient
 
 BAD_INPUTS = [

@@ -17,6 +17,7 @@ from router_ensemble.kv_selection import KvRouting
 from router_ensemble.routing_config import RouterConfig
 from router_ensemble.watched_client import WatchedWorkerClient
 from router_ensemble.worker_pool import WorkerDirectory
+from tests.waiting import wait_until
 from trident.errors import EngineError, WorkerUnavailable
 from trident.kv_endpoints import events_endpoint
 from trident.types import GenerateRequest, SamplingParams, TokenChunk
@@ -24,17 +25,6 @@ from trident.types import GenerateRequest, SamplingParams, TokenChunk
 BS = 16
 PROMPT = list(range(300, 300 + 10 * BS + 5))
 STATS = EngineStats(0, 0, 0, 256, 0, 0, 0, 0, 0, 0)
-
-
-def wait_until(pred, tick=None, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tick is not None:
-            tick()
-        if pred():
-            return
-        time.sleep(0.03)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture

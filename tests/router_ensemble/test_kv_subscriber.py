@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -18,6 +18,7 @@ from plugins.base import EngineStats
 from router_ensemble.router import KvRouter
 from router_ensemble.routing_config import RouterConfig
 from router_ensemble.subscriber import KvEventSubscriber, WorkerEndpoint
+from tests.waiting import wait_until
 
 BS = 16
 PROMPT = list(range(500, 500 + 16 * 12))
@@ -38,19 +39,6 @@ STATS = EngineStats(
 
 def stored(hashes, parent=None) -> BlockStored:
     return BlockStored(tuple(hashes), parent, (), BS)
-
-
-def wait_until(
-    pred: Callable[[], bool], tick: Callable[[], object] | None = None, timeout: float = 10.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tick is not None:
-            tick()
-        if pred():
-            return
-        time.sleep(0.03)
-    raise AssertionError("condition not reached in time")
 
 
 class LossyLink:

@@ -19,20 +19,12 @@ from kv_manager.hashing import hash_blocks
 from router_ensemble.router import KvRouter
 from router_ensemble.routing_config import RouterConfig
 from router_ensemble.subscriber import KvEventSubscriber, WorkerEndpoint
+from tests.waiting import wait_until
 
 SCRIPT = Path(__file__).with_name("vllm_kv_publisher.py")
 BS = 16
 PROMPT_A = list(range(1000, 1000 + 8 * BS))
 PROMPT_B = PROMPT_A[: 2 * BS] + list(range(5000, 5000 + 4 * BS))
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.03)
-    raise AssertionError("condition not reached in time")
 
 
 def test_vllm_publisher_process_feeds_the_index() -> None:

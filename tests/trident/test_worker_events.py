@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from plugins.torch_engine.engine import TorchEngine
 from router_ensemble.router import KvRouter
 from router_ensemble.routing_config import RouterConfig
 from router_ensemble.subscriber import KvEventSubscriber, WorkerEndpoint
+from tests.waiting import wait_until
 from trident.errors import ConfigError
 from trident.kv_endpoints import EVENTS_DIR_ENV, events_dir, events_endpoint, release_endpoint
 from trident.serve_config import ServeConfig
@@ -22,15 +22,6 @@ from trident.types import GenerateRequest, SamplingParams
 from trident.worker_events import WorkerEvents, WorkerEventsConfig
 
 BS = 4
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def test_events_dir_from_env_is_created_private(tmp_path: Path) -> None:

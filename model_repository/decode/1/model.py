@@ -25,7 +25,7 @@ class TritonPythonModel:
         _add_trident_root(args)
         from trident.worker import worker_from_args
 
-        self.worker = worker_from_args(args, publish_kv_events=True)
+        self.worker = worker_from_args(args)
 
     def execute(self, requests: list) -> None:
         self.worker.execute(requests)
