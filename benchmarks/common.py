@@ -9,16 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]; nan for no values."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:

@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import percentile, setup_logging, write_json
+from benchmarks.common import setup_logging, write_json
+from trident.core.stats import percentile
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
 from trident.serve_config import ServeConfig

@@ -22,9 +22,9 @@ import torch
 from benchmarks.common import copy_bandwidth_gbs, setup_logging, write_json
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from trident.model_files import default_model_path
-from trident.tokenizer import load_tokenizer
-from trident.types import GenerateRequest, SamplingParams
+from router_ensemble.text.tokenizer import load_tokenizer
+from trident.core.model_files import default_model_path
+from trident.core.types import GenerateRequest, SamplingParams
 
 TOPICS = ["the ocean", "a bicycle", "volcanoes", "the moon", "bread", "chess", "rain", "music"]
 

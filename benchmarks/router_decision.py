@@ -30,9 +30,10 @@ import time
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
-from router_ensemble.metrics import percentile
-from router_ensemble.router import KvRouter
-from router_ensemble.routing_config import RouterConfig
+from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.router import KvRouter
+from trident.core.names import replica_names
+from trident.core.stats import percentile
 
 
 def build_router(args: argparse.Namespace, rng: random.Random) -> tuple[KvRouter, list[list[int]]]:
@@ -43,7 +44,7 @@ def build_router(args: argparse.Namespace, rng: random.Random) -> tuple[KvRouter
         seed=0,
     )
     router = KvRouter(config)
-    workers = ["decode"] + [f"decode_{i}" for i in range(1, args.workers)]
+    workers = replica_names("decode", args.workers)
     system_prompts = [[rng.randrange(49152) for _ in range(args.tokens // 2)] for _ in range(32)]
     for worker in workers:
         router.add_worker(worker)

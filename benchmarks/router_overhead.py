@@ -21,11 +21,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from benchmarks.common import percentile, setup_logging, write_json
+from benchmarks.common import setup_logging, write_json
+from router_ensemble.text.tokenizer import load_tokenizer
+from trident.core.stats import percentile
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
 from trident.serve_config import ServeConfig
-from trident.tokenizer import load_tokenizer
 
 PROMPT = "The capital of France is"  # greedy output starts with text at once (" Paris")
 

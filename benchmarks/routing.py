@@ -45,13 +45,14 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import percentile, setup_logging, write_json
+from benchmarks.common import setup_logging, write_json
 from kv_manager.hashing import hash_blocks
-from trident.errors import TridentError
+from router_ensemble.text.tokenizer import Tokenizer, load_tokenizer
+from trident.core.errors import TridentError
+from trident.core.stats import percentile
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
 from trident.serve_config import ServeConfig
-from trident.tokenizer import Tokenizer, load_tokenizer
 
 BLOCK_SIZE = 16  # the engine's default block size
 

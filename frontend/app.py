@@ -39,8 +39,8 @@ from frontend.protocol import (
 )
 from frontend.serving import Generation, ResponseShape, stream_events
 from frontend.triton_client import RouterClient, model_id_from_path
-from trident.errors import TridentError
-from trident.model_files import resolve_model_path
+from trident.core.errors import TridentError
+from trident.core.model_files import resolve_model_path
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

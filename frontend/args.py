@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 
 ENV_PREFIX = "TRIDENT_FRONTEND_"
 # Names every deployment answers to besides the engine's model id.

@@ -2,7 +2,7 @@
 
 Every error the frontend returns has the body
 `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`. Route handlers raise
-`APIError` (or let a `trident.errors` request error escape); the exception handlers that
+`APIError` (or let a `trident.core.errors` request error escape); the exception handlers that
 `frontend.app.create_app` installs turn both into that body. `from_triton_message` maps the
 text of a Triton error response from the `router` model onto the same classes, so a bad
 field that only the router can judge (a prompt over the context length, say) still reaches
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from trident.errors import ContextLengthError, TridentError, ValidationError, WorkerUnavailable
+from trident.core.errors import ContextLengthError, TridentError, ValidationError, WorkerUnavailable
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -84,7 +84,7 @@ def unauthorized() -> APIError:
 
 
 def from_trident_error(exc: TridentError) -> APIError:
-    """The HTTP error for an error raised by Trident code (`trident.errors`)."""
+    """The HTTP error for an error raised by Trident code (`trident.core.errors`)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthError):
@@ -96,7 +96,7 @@ def from_trident_error(exc: TridentError) -> APIError:
     return APIError(500, str(exc), type=SERVER_ERROR, code="internal_error")
 
 
-# "<field>: <message>" as `trident.errors.ValidationError` formats it; Triton may prefix
+# "<field>: <message>" as `trident.core.errors.ValidationError` formats it; Triton may prefix
 # the text with its own context ("Python backend error: ..."), so search, don't anchor.
 _FIELD_PREFIX = re.compile(r"(?:^|:\s|\]\s)([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_]+)*):\s+\S")
 _UNAVAILABLE_HINTS = (

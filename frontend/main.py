@@ -18,7 +18,7 @@ import uvicorn
 
 from frontend.app import create_app
 from frontend.args import FrontendConfig, parse_args
-from trident.errors import TridentError
+from trident.core.errors import TridentError
 
 logger = logging.getLogger(__name__)
 

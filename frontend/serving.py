@@ -118,7 +118,7 @@ class Generation:
 
     def _record(self, choice: ChoiceState, delta: RouterDelta) -> None:
         now = time.monotonic()
-        new_tokens = max(delta.num_output_tokens - choice.completion_tokens, len(delta.token_ids))
+        new_tokens = max(delta.num_output_tokens - choice.completion_tokens, len(delta.output_ids))
         if new_tokens > 0 and self.streaming:  # one response per request otherwise
             if choice.first_token_at is None:
                 choice.first_token_at = now
@@ -127,11 +127,11 @@ class Generation:
                 gap = now - (choice.last_token_at or now)
                 self.metrics.itl.observe(gap / new_tokens, self.model, count=new_tokens)
             choice.last_token_at = now
-        choice.text.append(delta.text)
+        choice.text.append(delta.text_output)
         choice.prompt_tokens = delta.num_input_tokens or choice.prompt_tokens
         choice.cached_tokens = delta.cached_tokens or choice.cached_tokens
         choice.completion_tokens = max(
-            delta.num_output_tokens, choice.completion_tokens + len(delta.token_ids)
+            delta.num_output_tokens, choice.completion_tokens + len(delta.output_ids)
         )
         if delta.finish_reason:
             choice.finish_reason = check_finish_reason(delta.finish_reason)
@@ -294,7 +294,7 @@ def _events_of(
 ) -> list[str]:
     choice = generation.choices[index]
     events = []
-    text = delta.text
+    text = delta.text_output
     if not choice.started:
         choice.started = True
         if shape.echo is not None:

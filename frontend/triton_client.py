@@ -27,27 +27,23 @@ from tritonclient.utils import InferenceServerException
 
 from frontend.errors import APIError, from_triton_message, service_unavailable
 from frontend.protocol import RouterRequest
-from trident.model_control import ADMIN_KEY_HEADER
+from trident.core.names import ADMIN_KEY_GRPC_HEADER, is_worker_model, replica_name
 
 logger = logging.getLogger(__name__)
 
-# Worker models the router may send requests to: decode, decode_3, prefill, prefill_1, ...
-WORKER_MODEL = re.compile(r"^(decode|prefill)(_\d+)?$")
 # Router/worker config parameters that may name the served model, in order of preference.
 _MODEL_ID_KEYS = ("served_model_name", "model_id", "model_name")
 _MODEL_PATH_KEYS = ("model_path", "model", "gguf_path", "model_dir")
 # Without the admin key, /health probes <pool>, <pool>_1 .. <pool>_{N-1} by name.
 _PROBED_REPLICAS = 8
-# Header that carries the key of Triton's restricted model-repository API over gRPC.
-ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 
 
 @dataclass(frozen=True, slots=True)
 class RouterDelta:
     """One response of the router: the text and tokens new since the previous one."""
 
-    text: str
-    token_ids: tuple[int, ...]
+    text_output: str
+    output_ids: tuple[int, ...]
     finish_reason: str  # "" until the last response
     num_input_tokens: int
     num_output_tokens: int
@@ -204,7 +200,7 @@ class RouterClient:
         except InferenceServerException as exc:
             logger.debug("repository index unavailable: %s", exc)
             return []
-        return [m["name"] for m in index.get("models", []) if WORKER_MODEL.match(m.get("name", ""))]
+        return [m["name"] for m in index.get("models", []) if is_worker_model(m.get("name", ""))]
 
     async def _is_ready(self, model: str) -> tuple[bool, str | None]:
         try:
@@ -235,7 +231,7 @@ class RouterClient:
         except InferenceServerException as exc:
             logger.debug("router config unavailable for health probes: %s", exc)
         names = fixed | {
-            f"{pool}_{i}" if i else pool for pool in pools for i in range(_PROBED_REPLICAS)
+            replica_name(pool, i) for pool in pools for i in range(_PROBED_REPLICAS)
         }
         return sorted(names)
 
@@ -321,8 +317,8 @@ def _parse(result: Any, decoder: codecs.IncrementalDecoder) -> RouterDelta:
     ids = result.as_numpy("output_ids")
     worker = scalar("worker", b"")
     return RouterDelta(
-        text=text,
-        token_ids=() if ids is None else tuple(int(t) for t in ids.reshape(-1)),
+        text_output=text,
+        output_ids=() if ids is None else tuple(int(t) for t in ids.reshape(-1)),
         finish_reason=str(finish),
         num_input_tokens=int(scalar("num_input_tokens", 0)),
         num_output_tokens=int(scalar("num_output_tokens", 0)),

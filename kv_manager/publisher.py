@@ -21,8 +21,8 @@ import zmq
 
 from kv_manager import wire
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from plugins.base import EngineStats
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
+from trident.core.types import EngineStats
 
 logger = logging.getLogger(__name__)
 

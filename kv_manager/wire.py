@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from trident.errors import ValidationError
+from trident.core.errors import ValidationError
 
 TOPIC_LOAD = b"trident.load"
 TOPIC_CONTROL = b"trident.control"

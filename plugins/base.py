@@ -6,7 +6,7 @@ Lifecycle, in order:
 2. `engine.start()` loads weights, allocates the KV pool and starts the engine's own loop
    thread. After it returns, `info()` is valid.
 3. `engine.submit(request, sink)` from any thread: validates the request (raising
-   `trident.errors.ValidationError` at once for a bad one) and queues it. The engine loop
+   `trident.core.errors.ValidationError` at once for a bad one) and queues it. The engine loop
    thread later calls `sink(chunk)` with each `TokenChunk`; the last has `finished=True`.
    `sink` runs on the engine thread and must not block (a Triton response sender's `send`
    is fine). Exactly one finished chunk is delivered per accepted request, whatever happens
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kv_manager.layout import KVLayout
-from trident.types import GenerateRequest, TokenChunk
+from trident.core.types import EngineStats, GenerateRequest, TokenChunk
 
 ChunkSink = Callable[[TokenChunk], None]
 
@@ -46,23 +46,6 @@ class EngineInfo:
     eos_token_ids: tuple[int, ...]
     kv_layout: KVLayout
     device: str
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """A snapshot of an engine's load, as published in load reports and metrics."""
-
-    running: int
-    waiting: int
-    active_blocks: int
-    total_blocks: int
-    cached_blocks: int
-    active_prefill_tokens: int
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    generated_tokens: int
-    preemptions: int
-    held_blocks: int = 0
 
 
 class Engine(ABC):

@@ -19,8 +19,8 @@ from tests.integration.server_fixture import triton_server  # noqa: E402,F401
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
     """Absolute path of the default SmolLM2 GGUF; fails (with the install command) if it is missing."""
-    from trident.errors import ModelLoadError
-    from trident.model_files import default_model_path as locate
+    from trident.core.errors import ModelLoadError
+    from trident.core.model_files import default_model_path as locate
 
     try:
         return locate()

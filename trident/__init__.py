@@ -1,7 +1,7 @@
 """Trident: disaggregated, KV-aware LLM serving on NVIDIA Triton Inference Server.
 
 This package holds what every other package shares: request/response types
-(`trident.types`), the error hierarchy (`trident.errors`), the `trident` CLI and the
+(`trident.core.types`), the error hierarchy (`trident.core.errors`), the `trident` CLI and the
 launcher that starts `tritonserver` on `model_repository/`.
 """
 

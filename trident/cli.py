@@ -17,7 +17,7 @@ from types import FrameType
 
 from frontend.args import FrontendConfig
 from frontend.main import BackgroundFrontend, serve_in_thread
-from trident.errors import TridentError
+from trident.core.errors import TridentError
 from trident.launcher import Endpoints, Launcher
 from trident.serve_config import ServeConfig, build_parser
 

@@ -37,9 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from trident.errors import ConfigError, ModelLoadError, TridentError
-from trident.kv_endpoints import EVENTS_DIR_ENV
-from trident.model_control import ADMIN_KEY_HEADER, ModelControl, replica_load_args
+from trident.core.endpoints import EVENTS_DIR_ENV
+from trident.core.errors import ConfigError, ModelLoadError, TridentError
+from trident.core.names import ADMIN_KEY_HEADER, replica_names
+from trident.model_control import ModelControl, replica_load_args
 from trident.serve_config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class Launcher:
         self.prefill_models: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
-        self.kv_events_dir: Path | None = None  # the workers' KV event sockets (trident.kv_endpoints)
+        self.kv_events_dir: Path | None = None  # the workers' KV event sockets (trident.core.endpoints)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> Endpoints:
@@ -362,8 +363,8 @@ class Launcher:
     def _load_models(self) -> None:
         """Load decode and prefill workers and the router in parallel, reporting progress."""
         cfg = self.config
-        names = ["decode"] + [f"decode_{i}" for i in range(1, cfg.decode)]
-        prefills = [f"prefill{'_' + str(i) if i else ''}" for i in range(cfg.prefill)]
+        names = replica_names("decode", cfg.decode)
+        prefills = replica_names("prefill", cfg.prefill)
         cuda = cfg.device.startswith("cuda")
         gpus = gpu_count() if cuda else 0
         jobs: dict[str, Callable[[], None]] = {}

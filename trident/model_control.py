@@ -21,11 +21,11 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from trident.errors import ModelLoadError, TridentError
+from trident.core.errors import ModelLoadError, TridentError
+from trident.core.names import ADMIN_KEY_HEADER
 
 logger = logging.getLogger(__name__)
 
-ADMIN_KEY_HEADER = "trident-admin-key"
 
 
 class ModelControl:

@@ -15,13 +15,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 
-from trident.errors import ConfigError
-from trident.settings import coerce
+from trident.core.errors import ConfigError
+from trident.core.settings import coerce
 
 ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
-ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.policies.POLICIES
+ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.routing.policies.POLICIES
 
 # field name -> help text; the order is the order of `trident serve --help`.
 _HELP = {

@@ -4,7 +4,7 @@ Runs against a frontend that is already serving (`trident serve`, or `python -m 
 next to a running tritonserver). aiperf lives in its own virtual environment
 (`.cache/.venv-aiperf`, git-ignored, created on first use) so its pins never touch
 ours. Its tokenizer is a local directory exported from the served model by
-`trident.tokenizer.export_hf_tokenizer`; the Hugging Face hub is never contacted.
+`router_ensemble.text.tokenizer.export_hf_tokenizer`; the Hugging Face hub is never contacted.
 
 Two workloads:
   shared-system: single-turn chat, every request opens with the same long system prompt
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     exe = ensure_aiperf(Path(args.venv), args.aiperf_spec)
 
-    from trident.tokenizer import export_hf_tokenizer
+    from router_ensemble.text.tokenizer import export_hf_tokenizer
 
     tokenizer = out / "tokenizer"
     shutil.rmtree(tokenizer, ignore_errors=True)

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 log = logging.getLogger(__name__)
 

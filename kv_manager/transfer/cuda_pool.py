@@ -20,7 +20,7 @@ import torch
 from kv_manager.layout import KVLayout
 from kv_manager.transfer.handle import PoolHandle, encode_handle
 from kv_manager.transfer.local_pool import register_local, torch_dtype
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 log = logging.getLogger(__name__)
 

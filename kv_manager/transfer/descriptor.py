@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 
 from kv_manager.transfer.base import KVDescriptor
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 DESCRIPTOR_VERSION = 1
 MAX_BLOCKS = 1 << 20

@@ -25,7 +25,7 @@ from kv_manager.layout import KVLayout
 from kv_manager.transfer.base import KVDescriptor, KVPoolMemory
 from kv_manager.transfer.descriptor import encode_descriptor
 from kv_manager.transfer.lease import EXPIRY_GRACE_S, Lease, LeaseTable
-from trident.errors import ConfigError, KVTransferError
+from trident.core.errors import ConfigError, KVTransferError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 
 from kv_manager.layout import DTYPE_SIZES, KVLayout
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 HANDLE_VERSION = 1
 SHM_PREFIX = "trident_kv_"

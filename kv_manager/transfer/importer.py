@@ -24,7 +24,7 @@ from kv_manager.transfer.descriptor import decode_descriptor
 from kv_manager.transfer.handle import PoolHandle, decode_handle
 from kv_manager.transfer.local_pool import lookup_local, torch_dtype
 from kv_manager.transfer.shm_pool import attach_shm, segment_exists
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from kv_manager.transfer.base import KVPoolMemory
 from kv_manager.transfer.cuda_pool import CudaPool
 from kv_manager.transfer.local_pool import LocalPool
 from kv_manager.transfer.shm_pool import ShmPool
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 
 
 def allocate_pool(

@@ -27,7 +27,7 @@ import torch
 from kv_manager.layout import KVLayout
 from kv_manager.transfer.handle import SHM_PREFIX, PoolHandle, encode_handle
 from kv_manager.transfer.local_pool import register_local, torch_dtype
-from trident.errors import ConfigError, KVTransferError
+from trident.core.errors import ConfigError, KVTransferError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from trident.errors import ConfigError
-from trident.settings import load_settings
+from trident.core.errors import ConfigError
+from trident.core.settings import load_settings
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 

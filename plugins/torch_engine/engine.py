@@ -16,19 +16,20 @@ from dataclasses import replace
 import torch
 
 from kv_manager.block_pool import Block
-from plugins.base import ChunkSink, Engine, EngineInfo, EngineStats
+from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.runner import ModelRunner
 from plugins.torch_engine.sampler import make_state
 from plugins.torch_engine.scheduler import Scheduler
 from plugins.torch_engine.sequence import Sequence
 from plugins.torch_engine.setup import EngineParts, build_parts
-from trident.errors import EngineError, ValidationError
-from trident.types import (
+from trident.core.errors import EngineError, ValidationError
+from trident.core.types import (
     FINISH_ABORT,
     FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
+    EngineStats,
     GenerateRequest,
     TokenChunk,
 )
@@ -94,8 +95,8 @@ class TorchEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shutting down")
         request.validate(info.vocab_size, info.max_model_len)
-        if request.kv_import is not None and request.first_token_id is None:
-            raise ValidationError("first_token_id", "required with kv_import")
+        if request.kv_descriptor is not None and request.first_token is None:
+            raise ValidationError("first_token", "required with kv_descriptor")
         self._post("submit", (request, sink))
 
     def abort(self, request_id: str) -> None:
@@ -153,11 +154,11 @@ class TorchEngine(Engine):
 
     def _add(self, request: GenerateRequest, sink: ChunkSink) -> None:
         info = self.info()
-        tokens = list(request.prompt_token_ids)
+        tokens = list(request.input_ids)
         seq = Sequence(request, sink, make_state(request.sampling, info.eos_token_ids), tokens, len(tokens))
-        if request.kv_import is not None:
+        if request.kv_descriptor is not None:
             seq.import_pending = True
-            seq.token_ids.append(int(request.first_token_id or 0))
+            seq.token_ids.append(int(request.first_token or 0))
             seq.num_outputs = seq.num_emitted = 1  # the prefill worker already streamed it
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -196,23 +197,23 @@ class TorchEngine(Engine):
             return
         self._emit(seq, finished=False, reason=None)
 
-    def _emit(self, seq: Sequence, finished: bool, reason: str | None, error: str | None = None, kv_export: bytes | None = None) -> None:
+    def _emit(self, seq: Sequence, finished: bool, reason: str | None, error: str | None = None, kv_descriptor: bytes | None = None) -> None:
         new = tuple(seq.token_ids[seq.prompt_len + seq.num_emitted :]) if seq.num_outputs > seq.num_emitted else ()
         seq.num_emitted = seq.num_outputs
-        chunk = TokenChunk(seq.request_id, new, finished, reason, seq.prompt_len, seq.num_cached_tokens, error, kv_export)
+        chunk = TokenChunk(seq.request_id, new, finished, reason, seq.prompt_len, seq.cached_tokens, error, kv_descriptor)
         if not _safe_send(seq.sink, chunk) and not finished:
             self._finish(seq, FINISH_ABORT)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if self._seqs.pop(seq.request_id, None) is None:
             return
-        kv_export = None
+        kv_descriptor = None
         if seq.request.hold_kv and reason in (FINISH_STOP, FINISH_LENGTH) and self._parts and self._parts.exporter:
-            kv_export = self._export(seq)
+            kv_descriptor = self._export(seq)
         self.scheduler.remove(seq)
         self._counters["prompt"] += seq.prompt_len
-        self._counters["cached"] += seq.num_cached_tokens
-        self._emit(seq, finished=True, reason=reason, error=error, kv_export=kv_export)
+        self._counters["cached"] += seq.cached_tokens
+        self._emit(seq, finished=True, reason=reason, error=error, kv_descriptor=kv_descriptor)
 
     # -- KV transfer --------------------------------------------------------------------
     def _export(self, seq: Sequence) -> bytes:
@@ -239,7 +240,7 @@ class TorchEngine(Engine):
         importer = self._parts.importer if self._parts else None
         if importer is None:
             raise EngineError("this worker cannot import KV (no importer)")
-        raw = seq.request.kv_import
+        raw = seq.request.kv_descriptor
         assert raw is not None
         desc = importer.open(raw)
         try:

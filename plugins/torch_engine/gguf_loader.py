@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
-from plugins.torch_engine.loader import LLAMA, QWEN2, ModelConfig
-from trident.errors import ModelLoadError
-from trident.model_files import GGUFFile, GGUFTensorInfo, gguf_eos_token_ids, model_id_for
+from plugins.torch_engine.model_config import LLAMA, QWEN2, ModelConfig
+from trident.core.errors import ModelLoadError
+from trident.core.model_files import GGUFFile, GGUFTensorInfo, gguf_eos_token_ids, model_id_for
 
 logger = logging.getLogger(__name__)
 

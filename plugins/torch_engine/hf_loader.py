@@ -12,9 +12,15 @@ from typing import Any
 
 import torch
 
-from plugins.torch_engine.loader import LLAMA, MISTRAL, QWEN2, SUPPORTED_ARCHITECTURES, ModelConfig
-from trident.errors import ModelLoadError
-from trident.model_files import hf_eos_token_ids, model_id_for, read_json
+from plugins.torch_engine.model_config import (
+    LLAMA,
+    MISTRAL,
+    QWEN2,
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+)
+from trident.core.errors import ModelLoadError
+from trident.core.model_files import hf_eos_token_ids, model_id_for, read_json
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from plugins.torch_engine.attention import AttentionMetadata, attend, write_kv
-from trident.errors import ModelLoadError
+from trident.core.errors import ModelLoadError
 
 
 class LlamaModel:

@@ -18,81 +18,17 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from trident.errors import ModelLoadError
-from trident.model_files import model_id_for, read_gguf, resolve_model_path
+from plugins.torch_engine import gguf_loader, hf_loader
+from plugins.torch_engine.model_config import ModelConfig
+from trident.core.errors import ModelLoadError
+from trident.core.model_files import model_id_for, read_gguf, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-LLAMA = "LlamaForCausalLM"
-QWEN2 = "Qwen2ForCausalLM"
-MISTRAL = "MistralForCausalLM"
-SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, MISTRAL)
 _CACHE_FORMAT = 1  # bump when the cached tensors' meaning changes
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    """Shape and hyper-parameters of a decoder-only Llama-family model.
-
-    `rope_scaling` is Hugging Face's dict (`{"rope_type": "llama3", "factor": ..., ...}`,
-    `linear`, `dynamic`, `yarn`) or None. From a GGUF with a `rope_freqs` tensor (Llama 3.1
-    and later) it is `{"rope_type": "freq_factors", "freq_factors": [...]}`: llama.cpp's
-    per-frequency divisors of the inverse frequencies (`inv_freq / freq_factors`).
-    """
-
-    model_id: str
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-
-    @property
-    def attention_bias(self) -> bool:
-        """Whether q/k/v projections have biases (Qwen2)."""
-        return self.architecture == QWEN2
-
-    def validate(self, source: str) -> ModelConfig:
-        """Raise `ModelLoadError` (naming `source`) for an unsupported or inconsistent config."""
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"{source}: architecture {self.architecture!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ModelLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ModelLoadError(
-                f"{source}: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ModelLoadError(f"{source}: rms_norm_eps and rope_theta must be positive")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +44,9 @@ def load_checkpoint(model_path: str, cache_dir: str = "") -> Checkpoint:
     path = resolve_model_path(model_path)
     start = time.perf_counter()
     if os.path.isdir(path):
-        from plugins.torch_engine import hf_loader
-
         config = hf_loader.read_config(path)
         weights = hf_loader.load_weights(path, config)
     else:
-        from plugins.torch_engine import gguf_loader
-
         gguf = read_gguf(path)
         config = gguf_loader.read_config(gguf)
         weights = _load_cached(path, cache_dir, config)

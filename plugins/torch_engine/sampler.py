@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trident.types import SamplingParams
+from trident.core.types import SamplingParams
 
 
 @dataclass(slots=True)

@@ -171,7 +171,7 @@ class Scheduler:
         seq.num_computed = computed
         seq.num_cached_blocks = min(len(hits), computed // bs)
         if not seq.admitted_once:
-            seq.num_cached_tokens = min(computed, seq.prompt_len)
+            seq.cached_tokens = min(computed, seq.prompt_len)
             seq.admitted_once = True
         return True
 

@@ -9,7 +9,7 @@ from kv_manager.block_pool import Block
 from kv_manager.hashing import BlockHash, hash_block_tokens
 from plugins.base import ChunkSink
 from plugins.torch_engine.sampler import SamplingState
-from trident.types import GenerateRequest
+from trident.core.types import GenerateRequest
 
 
 class SeqStatus(enum.Enum):
@@ -33,7 +33,7 @@ class Sequence:
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_computed: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from a cache at first admission
+    cached_tokens: int = 0  # prompt tokens served from a cache at first admission
     num_outputs: int = 0
     num_emitted: int = 0  # outputs already handed to the sink
     admitted_once: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from frontend.args import FrontendConfig, parse_args
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 
 
 def test_defaults() -> None:

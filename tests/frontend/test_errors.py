@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from frontend.errors import APIError, from_trident_error, from_triton_message
-from trident.errors import ContextLengthError, EngineError, ValidationError, WorkerUnavailable
+from trident.core.errors import ContextLengthError, EngineError, ValidationError, WorkerUnavailable
 
 
 def test_body_has_openai_shape() -> None:

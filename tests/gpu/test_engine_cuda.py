@@ -8,7 +8,7 @@ import torch
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from trident.types import GenerateRequest, SamplingParams
+from trident.core.types import GenerateRequest, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -35,7 +35,7 @@ def _collect(engine: TorchEngine, reqs: list[GenerateRequest]) -> dict[str, list
     done = 0
     while done < len(reqs):
         c = q.get(timeout=120)
-        out[c.request_id].extend(c.token_ids)
+        out[c.request_id].extend(c.output_ids)
         done += c.finished
     return out
 
@@ -62,7 +62,7 @@ def test_engine_on_cuda_matches_transformers(tiny_model_dir, dtype):
 
 def test_kind_gpu_instance_runs_on_its_device(tiny_model_dir):
     """What the decode model does for a KIND_GPU instance: `model_instance_device_id` picks the GPU."""
-    from trident.worker import build_engine
+    from trident.worker.model import build_engine
 
     device_id = torch.cuda.device_count() - 1
     args = {"model_instance_kind": "GPU", "model_instance_device_id": str(device_id)}

@@ -83,7 +83,7 @@ def test_max_tokens_bounds_the_output(client: RouterClient) -> None:
 
 def test_input_ids_are_accepted(client: RouterClient) -> None:
     (ref,) = client.generate(text_input="The capital of France is", max_tokens=6, temperature=0.0)
-    from trident.tokenizer import load_tokenizer
+    from router_ensemble.text.tokenizer import load_tokenizer
 
     ids = load_tokenizer("").encode("The capital of France is", add_special_tokens=True)
     (out,) = client.generate(input_ids=ids, max_tokens=6, temperature=0.0)

@@ -14,9 +14,9 @@ import zmq
 from kv_manager import wire
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored
 from kv_manager.publisher import KVEventPublisher
-from plugins.base import EngineStats
-from router_ensemble.index import KvIndex
-from trident.errors import ConfigError
+from router_ensemble.routing.index import KvIndex
+from trident.core.errors import ConfigError
+from trident.core.types import EngineStats
 
 STATS = EngineStats(
     running=2,

@@ -10,7 +10,7 @@ import pytest
 
 from kv_manager import wire
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored
-from trident.errors import ValidationError
+from trident.core.errors import ValidationError
 
 STORED = BlockStored((11, 12), 10, tuple(range(8)), 4, None, "GPU")
 REMOVED = BlockRemoved((11,), "CPU")

@@ -12,7 +12,7 @@ import torch
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from trident.types import GenerateRequest, SamplingParams
+from trident.core.types import GenerateRequest, SamplingParams
 
 PROMPTS = [list(range(3, 12)), list(range(20, 77)), [9] * 33, list(range(40, 72))]
 NEW = 10
@@ -42,13 +42,13 @@ def _prefill_worker(model_dir: str, device: str, conn) -> None:
             rid, prompt = msg
             chunks = list(eng.generate(GenerateRequest(rid, tuple(prompt), _greedy(1), hold_kv=True), timeout=60))
             last = chunks[-1]
-            conn.send((last.token_ids[0] if last.token_ids else chunks[0].token_ids[0], last.kv_export))
+            conn.send((last.output_ids[0] if last.output_ids else chunks[0].output_ids[0], last.kv_descriptor))
     finally:
         eng.shutdown()
 
 
 def _tokens(engine: TorchEngine, req: GenerateRequest) -> list[int]:
-    return [t for c in engine.generate(req, timeout=60) for t in c.token_ids]
+    return [t for c in engine.generate(req, timeout=60) for t in c.output_ids]
 
 
 def _run_disagg(model_dir: str, device: str) -> None:
@@ -64,7 +64,7 @@ def _run_disagg(model_dir: str, device: str) -> None:
             parent.send((f"p{i}", prompt))
             first, desc = parent.recv()
             assert desc, "prefill engine returned no KV descriptor"
-            rest = _tokens(decode, GenerateRequest(f"dis{i}", tuple(prompt), _greedy(NEW), kv_import=desc, first_token_id=first))
+            rest = _tokens(decode, GenerateRequest(f"dis{i}", tuple(prompt), _greedy(NEW), kv_descriptor=desc, first_token=first))
             assert [first, *rest] == expected, f"prompt {i}"
         # The decode side released every lease: the prefill engine holds no blocks any more.
         for _ in range(50):
@@ -96,7 +96,7 @@ def test_lease_expires_when_nobody_pulls(tiny_model_dir):
     eng.start()
     try:
         chunks = list(eng.generate(GenerateRequest("x", tuple(range(3, 40)), _greedy(1), hold_kv=True), timeout=60))
-        assert chunks[-1].kv_export
+        assert chunks[-1].kv_descriptor
         assert eng.stats().held_blocks == 10  # ceil(37 / 4)
         deadline = time.monotonic() + 10
         while eng.stats().held_blocks and time.monotonic() < deadline:
@@ -110,7 +110,7 @@ def test_import_of_bad_descriptor_fails_the_request_only(tiny_model_dir):
     eng = TorchEngine(_cfg(tiny_model_dir, "cpu"))
     eng.start()
     try:
-        chunks = list(eng.generate(GenerateRequest("bad", (5, 6, 7), _greedy(3), kv_import=b"\x01garbage", first_token_id=5), timeout=30))
+        chunks = list(eng.generate(GenerateRequest("bad", (5, 6, 7), _greedy(3), kv_descriptor=b"\x01garbage", first_token=5), timeout=30))
         assert chunks[-1].finish_reason == "error" and "descriptor" in (chunks[-1].error or "").lower()
         assert _tokens(eng, GenerateRequest("ok", (5, 6, 7), _greedy(3)))  # still serving
         assert eng.stats().active_blocks == 0

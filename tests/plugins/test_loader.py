@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from plugins.torch_engine import gguf_loader
-from plugins.torch_engine.loader import QWEN2, cache_path, load_checkpoint
-from trident.errors import ModelLoadError
+from plugins.torch_engine.loader import cache_path, load_checkpoint
+from plugins.torch_engine.model_config import QWEN2
+from trident.core.errors import ModelLoadError
 
 torch.set_num_threads(1)
 

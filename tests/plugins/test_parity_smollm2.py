@@ -10,9 +10,9 @@ import torch
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from trident.model_files import default_model_path
-from trident.tokenizer import load_tokenizer
-from trident.types import GenerateRequest, SamplingParams
+from router_ensemble.text.tokenizer import load_tokenizer
+from trident.core.model_files import default_model_path
+from trident.core.types import GenerateRequest, SamplingParams
 
 NEW_TOKENS = 32
 SYSTEM = "You are a concise assistant. Answer in one sentence and never use lists. " * 3
@@ -80,7 +80,7 @@ def _collect(engine, reqs):
         engine.submit(r, sink)
     for _ in reqs:
         assert done.acquire(timeout=300)
-    return {rid: [t for c in cs for t in c.token_ids] for rid, cs in out.items()}, out
+    return {rid: [t for c in cs for t in c.output_ids] for rid, cs in out.items()}, out
 
 
 def test_one_at_a_time(engine, prompts, reference):
@@ -99,5 +99,5 @@ def test_prefix_cache_hit(engine, prompts, reference):
     i = len(prompts) - 1  # long shared system prompt
     _collect(engine, [GenerateRequest("warm", tuple(prompts[i]), _greedy())])
     got, chunks = _collect(engine, [GenerateRequest("hit", tuple(prompts[i]), _greedy())])
-    assert chunks["hit"][-1].num_cached_tokens >= 16
+    assert chunks["hit"][-1].cached_tokens >= 16
     assert got["hit"] == reference[i]

@@ -7,7 +7,7 @@ from kv_manager.block_pool import BlockPool
 from plugins.torch_engine.sampler import make_state
 from plugins.torch_engine.scheduler import Scheduler
 from plugins.torch_engine.sequence import SeqStatus, Sequence
-from trident.types import GenerateRequest, SamplingParams
+from trident.core.types import GenerateRequest, SamplingParams
 
 
 def _seq(rid: str, prompt: list[int]) -> Sequence:
@@ -49,7 +49,7 @@ def test_prefix_hit_reuses_cached_blocks_but_computes_last_token():
     sched.add(again)
     batch, _ = sched.schedule()
     # Block 0 is a hit; block 1 would cover the last token, which must be recomputed.
-    assert again.num_cached_tokens == 4 and batch.num_new == [4]
+    assert again.cached_tokens == 4 and batch.num_new == [4]
     assert _ids(again)[0] == 0
 
 
@@ -69,7 +69,7 @@ def test_preemption_frees_the_newest_and_everything_is_freed_at_the_end():
     sched.update(batch)
     sched.remove(a)
     batch, _ = sched.schedule()  # b comes back and recomputes (its first block is cached)
-    assert batch.seqs == [b] and b.num_cached_tokens == 0
+    assert batch.seqs == [b] and b.cached_tokens == 0
     sched.update(batch)
     sched.remove(b)
     assert pool.num_used_blocks == 0

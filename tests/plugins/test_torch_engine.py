@@ -9,8 +9,8 @@ import torch
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from trident.errors import ContextLengthError, ValidationError
-from trident.types import GenerateRequest, SamplingParams
+from trident.core.errors import ContextLengthError, ValidationError
+from trident.core.types import GenerateRequest, SamplingParams
 
 PROMPTS = [
     [5, 9, 13, 17, 21],
@@ -52,7 +52,7 @@ def _run(engine: TorchEngine, requests: list[GenerateRequest]) -> dict[str, list
 
 
 def _tokens(chunks) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
+    return [t for c in chunks for t in c.output_ids]
 
 
 def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -84,8 +84,8 @@ def test_prefix_cache_hit_gives_same_output_and_reports_cached_tokens(engine):
     first = _run(engine, [GenerateRequest("p1", prompt, _greedy(6))])["p1"]
     second = _run(engine, [GenerateRequest("p2", prompt, _greedy(6))])["p2"]
     assert _tokens(first) == _tokens(second)
-    assert second[-1].num_cached_tokens == 28  # 7 full blocks of 4; the last token is recomputed
-    assert second[-1].num_prompt_tokens == 30
+    assert second[-1].cached_tokens == 28  # 7 full blocks of 4; the last token is recomputed
+    assert second[-1].num_input_tokens == 30
 
 
 def test_chunked_prefill_and_preemption_keep_outputs(tiny_model_dir, tiny_hf_model):
@@ -95,7 +95,7 @@ def test_chunked_prefill_and_preemption_keep_outputs(tiny_model_dir, tiny_hf_mod
         reqs = [GenerateRequest(f"r{i}", tuple(range(3 + i, 40 + i)), _greedy(8)) for i in range(4)]
         out = _run(eng, reqs)
         for r in reqs:
-            assert _tokens(out[r.request_id]) == _hf_greedy(tiny_hf_model, list(r.prompt_token_ids), 8)
+            assert _tokens(out[r.request_id]) == _hf_greedy(tiny_hf_model, list(r.input_ids), 8)
         assert eng.stats().preemptions > 0
         assert eng.stats().active_blocks == 0
     finally:
@@ -155,12 +155,12 @@ def test_stop_tokens_min_tokens_and_eos(engine, tiny_hf_model):
         ({"sampling": SamplingParams(top_p=0)}, "top_p"),
         ({"sampling": SamplingParams(max_tokens=0)}, "max_tokens"),
         ({"sampling": SamplingParams(max_tokens=2, min_tokens=3)}, "min_tokens"),
-        ({"prompt_token_ids": ()}, "prompt"),
-        ({"prompt_token_ids": (1, 999)}, "input_ids"),
+        ({"input_ids": ()}, "prompt"),
+        ({"input_ids": (1, 999)}, "input_ids"),
     ],
 )
 def test_invalid_requests_name_the_field(engine, kwargs, field):
-    req = GenerateRequest("bad", **{"prompt_token_ids": (1, 2), **kwargs})
+    req = GenerateRequest("bad", **{"input_ids": (1, 2), **kwargs})
     with pytest.raises(ValidationError) as err:
         engine.submit(req, lambda c: None)
     assert err.value.field == field

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trident.errors import ConfigError, TridentError
+from trident.core.errors import ConfigError, TridentError
 from trident.launcher import (
     SHM_DIR,
     STUB_NAME,

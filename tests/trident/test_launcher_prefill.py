@@ -8,7 +8,7 @@ import pytest
 
 from tests.trident.test_launcher import TOY_CONFIG, TOY_MODEL, infer
 from trident.cli import usage
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 from trident.launcher import Launcher
 from trident.serve_config import ServeConfig
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 from trident.serve_config import ServeConfig
 
 

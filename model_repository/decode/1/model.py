@@ -1,4 +1,4 @@
-"""Decode worker model: thin glue over `trident.worker.DecodeWorker` (see that module).
+"""Decode worker model: thin glue over `trident.worker.model.DecodeWorker` (see that module).
 
 Replicas loaded with a `file:1/model.py` override run this file from a temporary directory,
 so the repository root comes from the `trident_root` parameter or `TRIDENT_ROOT` first.
@@ -23,7 +23,7 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from trident.worker import worker_from_args
+        from trident.worker.model import worker_from_args
 
         self.worker = worker_from_args(args)
 

@@ -1,6 +1,6 @@
-"""Prefill worker model: the decode glue (`trident.worker.DecodeWorker`) on a shareable KV pool.
+"""Prefill worker model: the decode glue (`trident.worker.model.DecodeWorker`) on a shareable KV pool.
 
-The router sends `hold_kv` requests here (router_ensemble/disagg.py); the engine returns the
+The router sends `hold_kv` requests here (router_ensemble/orchestration/disagg.py); the engine returns the
 first token and a KV descriptor, and keeps the prompt's blocks leased for a decode worker.
 
 Replicas loaded with a `file:1/model.py` override run this file from a temporary directory,
@@ -26,7 +26,7 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from trident.worker import worker_from_args
+        from trident.worker.model import worker_from_args
 
         self.worker = worker_from_args(args)
 

@@ -1,7 +1,7 @@
-"""Router model: thin glue over `router_ensemble.triton_router.RouterModel`.
+"""Router model: thin glue over `router_ensemble.triton.model.RouterModel`.
 
 Decoupled BLS entry point: tokenizes, picks a decode worker, streams its tokens back as
-text deltas. The I/O contract is in `router_ensemble/router_io.py`.
+text deltas. The I/O contract is in `trident/core/router_io.py`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from router_ensemble.triton_router import RouterModel
-        from trident.triton_utils import model_parameters, setup_logging
+        from router_ensemble.triton.model import RouterModel
+        from trident.core.triton_io import model_parameters, setup_logging
 
         setup_logging(args["model_name"])
         self.router = RouterModel(args["model_name"], model_parameters(json.loads(args["model_config"])))

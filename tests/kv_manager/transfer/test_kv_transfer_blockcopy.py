@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kv_manager.transfer.blockcopy import BlockCopier, check_ids, coalesce
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVDescriptor, decode_descriptor, encode_descriptor
 from kv_manager.transfer.descriptor import DESCRIPTOR_VERSION
 from kv_manager.transfer.handle import PoolHandle, decode_handle, encode_handle
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 LAYOUT = KVLayout(30, 3, 64, 16, "bfloat16", "SmolLM2-135M-Instruct")
 DESC = KVDescriptor(

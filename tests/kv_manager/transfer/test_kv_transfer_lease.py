@@ -10,7 +10,7 @@ import torch
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool, decode_descriptor
 from kv_manager.transfer.lease import Lease, LeaseTable
-from trident.errors import ConfigError, KVTransferError
+from trident.core.errors import ConfigError, KVTransferError
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ from kv_peer import LAYOUT_ARGS, block_bytes, decode_open_then_hang, prefill_mai
 
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVImporterImpl, decode_descriptor
-from trident.errors import KVTransferError
+from trident.core.errors import KVTransferError
 
 torch.set_num_threads(1)
 

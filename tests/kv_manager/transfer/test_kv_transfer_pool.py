@@ -13,7 +13,7 @@ import torch
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import LocalPool, ShmPool, allocate_pool
 from kv_manager.transfer.handle import decode_handle
-from trident.errors import ConfigError
+from trident.core.errors import ConfigError
 
 torch.set_num_threads(1)
 

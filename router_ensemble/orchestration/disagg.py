@@ -1,0 +1,329 @@
+"""Conditional disaggregation: who prefills a prompt, and the prefill -> decode handoff.
+
+The `Orchestrator` calls this on the request's thread once the decode worker is chosen:
+
+1. `Disaggregator.route(request_id, decode, prompt_tokens, cached_tokens, sampling)` decides.
+   The prompt is prefilled remotely when its uncached part (`prompt_tokens - cached_tokens`,
+   where `cached_tokens` is what the KV router expects the chosen decode worker to hold; 0
+   without a KV router) reaches `disagg_threshold` (0 disables), a prefill worker is ready,
+   and one of them has fewer than `prefill_max_inflight` prefills in flight from this router
+   instance (Dynamo's "prefill queue not full" condition). Otherwise the decode worker
+   prefills locally, as in aggregated serving.
+2. `Route.chunks(client, request)` streams the request's `TokenChunk`s:
+   - local: the decode worker's chunks, unchanged;
+   - remote: a `hold_kv` request with `max_tokens=1` to the prefill worker returns the first
+     token and a KV descriptor. The token is yielded at once, so the client sees it before
+     the decode worker starts; then the decode worker gets the descriptor and the token
+     (`kv_descriptor`, `first_token`; `max_tokens` counts the first token), pulls the KV and
+     streams the rest. `cached_tokens` reported to the client is the prefill worker's;
+   - `max_tokens == 1`: the prefill worker answers alone (no lease, no decode worker).
+3. Failures. A prefill worker that went away between discovery and the call (the call
+   fails and a re-scan no longer finds it ready) -> the decode worker prefills locally, as
+   when no prefill worker is ready at all. Any other prefill failure
+   raises `EngineError` naming the prefill worker; no lease exists then. A decode failure
+   after a successful prefill raises `EngineError` too: the decode worker releases the lease
+   after its pull, and a lease nobody pulls expires after the prefill worker's `lease_ttl_s`
+   (so a decode worker that dies mid-handoff strands no prefill blocks). So does the lease of
+   a request that ends with its first token (EOS, a stop string, a client cancel).
+4. `Route.close()` (the orchestrator's `finally`) gives the prefill slot back if the prefill
+   call never ran (an error or a cancellation first).
+
+Threads: a `Disaggregator` is shared by all request threads (a lock guards the in-flight
+counts); a `Route` belongs to one request thread. Neither owns KV blocks: the prefill engine
+owns the leased blocks until it frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from router_ensemble.routing.directory import WorkerDirectory
+from trident.core.errors import ConfigError, EngineError, TridentError, WorkerUnavailable
+from trident.core.settings import load_settings
+from trident.core.types import FINISH_LENGTH, GenerateRequest, SamplingParams, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "TRIDENT_ROUTER_"
+
+
+class ChunkClient(Protocol):
+    """The orchestrator's `WorkerClient`: `generate(worker, request)` -> chunks."""
+
+    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggConfig:
+    """Disaggregation settings of the router model.
+
+    Keys are the same in the router's config.pbtxt parameters and in environment variables
+    (`TRIDENT_ROUTER_` + upper-case key, which win); "" and "${...}" count as unset.
+    """
+
+    disagg_threshold: int = 256  # remote prefill from this many uncached prompt tokens; 0: never
+    prefill_pool: str = "prefill"  # prefill workers are <pool>, <pool>_1, ...
+    prefill_models: str = ""  # fixed comma-separated list instead of discovery
+    prefill_max_inflight: int = 4  # per prefill worker and router instance; beyond: saturated
+
+    def validate(self) -> DisaggConfig:
+        if self.disagg_threshold < 0:
+            raise ConfigError(f"disagg_threshold must be >= 0 (0 disables), got {self.disagg_threshold}")
+        if self.prefill_max_inflight <= 0:
+            raise ConfigError(f"prefill_max_inflight must be positive, got {self.prefill_max_inflight}")
+        if not self.prefill_pool:
+            raise ConfigError("prefill_pool must not be empty")
+        return self
+
+    @property
+    def fixed_models(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.prefill_models.split(",") if m.strip())
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> DisaggConfig:
+        return load_settings(cls, params, env, ENV_PREFIX)
+
+
+class Disaggregator:
+    """Decides local vs remote prefill per request; counts this router's prefills in flight.
+
+    `client`, when given, makes the prefill calls instead of the orchestrator's client; inside
+    Triton it is BLS wrapped in a `WatchedWorkerClient` fed by `removals`, because Triton never
+    answers a call that reaches a model while it unloads: the watch notices the worker is no
+    longer ready and the request is prefilled locally instead of hanging.
+    """
+
+    def __init__(self, config: DisaggConfig, directory: WorkerDirectory, client: ChunkClient | None = None) -> None:
+        self.config = config.validate()
+        self.directory = directory
+        self.client = client
+        self._removed: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._next = 0
+        self._announced = False
+        self._lock = threading.Lock()
+
+    def route(
+        self, request_id: str, decode: str, prompt_tokens: int, cached_tokens: int, sampling: SamplingParams
+    ) -> Route:
+        """The route of one request; remote prefill only when it pays off and a worker is free."""
+        if not self._announced:
+            # Logged at the first request, not at start: inside Triton, logging from
+            # `initialize` while another thread probes models has crashed tritonserver 2.51.
+            self._announced = True
+            logger.info("disaggregation: %s", self.describe())
+        threshold = self.config.disagg_threshold
+        uncached = max(0, prompt_tokens - cached_tokens)
+        if threshold <= 0 or uncached < threshold:
+            return Route(decode)
+        workers = self.directory.workers()
+        prefill = self._take_slot(workers)
+        if prefill is None:
+            why = "no prefill worker is ready" if not workers else "the prefill pool is saturated"
+            logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, why, decode)
+            return Route(decode)
+        return Route(decode, prefill, self, prefill_only=sampling.max_tokens == 1)
+
+    def describe(self) -> str:
+        c = self.config
+        when = f"prompts with >= {c.disagg_threshold} uncached tokens" if c.disagg_threshold else "off"
+        pool = ", ".join(c.fixed_models) or f"{c.prefill_pool}*"
+        return f"{when} (prefill pool {pool}, at most {c.prefill_max_inflight} prefills in flight per worker)"
+
+    def inflight(self) -> dict[str, int]:
+        with self._lock:
+            return {w: n for w, n in self._inflight.items() if n}
+
+    def _take_slot(self, workers: tuple[str, ...]) -> str | None:
+        limit = self.config.prefill_max_inflight
+        with self._lock:
+            free = [w for w in workers if self._inflight.get(w, 0) < limit]
+            if not free:
+                return None
+            # Fewest in flight first; rotate among equals so idle workers share the load.
+            start = self._next % len(free)
+            self._next += 1
+            rotated = free[start:] + free[:start]
+            worker = min(rotated, key=lambda w: self._inflight.get(w, 0))
+            self._inflight[worker] = self._inflight.get(worker, 0) + 1
+            return worker
+
+    def _give_back(self, worker: str) -> None:
+        with self._lock:
+            self._inflight[worker] = max(0, self._inflight.get(worker, 0) - 1)
+
+    def removals(self, worker: str) -> int:
+        """A counter that changes once `worker` is found not ready (`WatchedWorkerClient`)."""
+        probe = self.directory.probe
+        if probe is None:
+            return 0  # a fixed list: never removed
+        try:
+            ready = bool(probe(worker))
+        except Exception:  # an unknown model may raise instead of answering False
+            ready = False
+        with self._lock:
+            if not ready:
+                self._removed[worker] = self._removed.get(worker, 0) + 1
+            return self._removed.get(worker, 0)
+
+    def is_gone(self, worker: str) -> bool:
+        """After a failed call: re-scan the pool; True when `worker` is no longer ready."""
+        self.directory.invalidate()
+        return worker not in self.directory.workers()
+
+
+class Route:
+    """Where one request's prompt is prefilled and where it is decoded; see the module docs."""
+
+    __slots__ = ("decode", "prefill", "prefill_only", "_owner", "_slot_held")
+
+    def __init__(
+        self, decode: str, prefill: str | None = None, owner: Disaggregator | None = None, prefill_only: bool = False
+    ) -> None:
+        self.decode = decode
+        self.prefill = prefill
+        self.prefill_only = prefill_only
+        self._owner = owner
+        self._slot_held = prefill is not None and owner is not None
+
+    @property
+    def label(self) -> str:
+        """The `worker` output: "decode_1", "prefill>decode_1", or "prefill" (prefill only)."""
+        if self.prefill is None:
+            return self.decode
+        return self.prefill if self.prefill_only else f"{self.prefill}>{self.decode}"
+
+    def chunks(self, client: ChunkClient, request: GenerateRequest) -> Iterator[TokenChunk]:
+        if self.prefill is None:
+            return client.generate(self.decode, request)
+        prefill_client = self._owner.client if self._owner is not None and self._owner.client else client
+        if self.prefill_only:
+            return self._prefill_only(prefill_client, client, self.prefill, request)
+        return self._disaggregated(prefill_client, client, self.prefill, request)
+
+    def close(self) -> None:
+        """Give the prefill slot back if the prefill call never ran. Idempotent."""
+        if self._slot_held and self._owner is not None and self.prefill is not None:
+            self._slot_held = False
+            self._owner._give_back(self.prefill)
+
+    # -- the flows ----------------------------------------------------------------------
+    def _prefill_only(
+        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
+    ) -> Iterator[TokenChunk]:
+        started = False
+        try:
+            for chunk in prefill_client.generate(prefill, request):
+                started = True
+                yield chunk
+        except TridentError as exc:
+            if started or not self._gone(prefill, exc):
+                raise
+            self.prefill = None
+            yield from client.generate(self.decode, request)
+        finally:
+            self.close()
+
+    def _disaggregated(
+        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
+    ) -> Iterator[TokenChunk]:
+        try:
+            final, tokens = self._run_prefill(prefill_client, prefill, request)
+        except TridentError as exc:
+            if not self._gone(prefill, exc):
+                raise
+            self.prefill = None
+            yield from client.generate(self.decode, request)
+            return
+        finally:
+            self.close()
+        if final.finish_reason != FINISH_LENGTH:
+            # EOS / a stop token as the first token, or an abort: the request ends here. A
+            # lease taken for a stopped request is never pulled and expires on the prefill side.
+            yield replace(final, output_ids=tokens)
+            return
+        first = TokenChunk(request.request_id, tokens, False, None, final.num_input_tokens, final.cached_tokens)
+        yield first  # the client gets the first token now, before decode starts
+        decode_request = replace(request, kv_descriptor=final.kv_descriptor, first_token=tokens[0])
+        try:
+            for chunk in client.generate(self.decode, decode_request):
+                yield replace(chunk, cached_tokens=final.cached_tokens)
+        except TridentError as exc:
+            raise EngineError(
+                f"decode worker {self.decode} failed after prefill on {prefill}: {exc} "
+                f"(request_id={request.request_id}; the prefill worker's KV lease expires unpulled)"
+            ) from exc
+
+    def _gone(self, prefill: str, exc: TridentError) -> bool:
+        """Whether a failed prefill call means the worker went away (then: prefill locally).
+
+        Triton answers a call to an unloaded model with an ordinary error response, so the
+        pool is re-scanned after any failure; a worker that is still ready failed for real.
+        """
+        self.close()
+        rescanned_gone = self._owner is not None and self._owner.is_gone(prefill)  # also refreshes the pool
+        gone = rescanned_gone or isinstance(exc, WorkerUnavailable)
+        if gone:
+            logger.warning("prefill worker %s is gone (%s); prefilling on %s", prefill, exc, self.decode)
+        return gone
+
+    def _run_prefill(
+        self, client: ChunkClient, prefill: str, request: GenerateRequest
+    ) -> tuple[TokenChunk, tuple[int, ...]]:
+        """The prefill worker's final chunk and the token(s) it sampled."""
+        sp = request.sampling
+        prefill_request = replace(
+            request, sampling=replace(sp, max_tokens=1, min_tokens=min(sp.min_tokens, 1)), hold_kv=True
+        )
+        tokens: list[int] = []
+        final: TokenChunk | None = None
+        try:
+            for chunk in client.generate(prefill, prefill_request):
+                tokens.extend(chunk.output_ids)
+                if chunk.finished:
+                    final = chunk
+        except WorkerUnavailable:
+            raise
+        except TridentError as exc:
+            raise EngineError(f"prefill worker {prefill} failed: {exc}") from exc
+        if final is None:
+            raise EngineError(f"prefill worker {prefill} ended request {request.request_id} without a final response")
+        if final.finish_reason == FINISH_LENGTH:
+            if len(tokens) != 1:
+                raise EngineError(f"prefill worker {prefill} returned {len(tokens)} tokens, expected 1")
+            if not final.kv_descriptor:
+                raise EngineError(
+                    f"prefill worker {prefill} returned no KV descriptor; start it with shareable_kv=true"
+                )
+        return final, tuple(tokens)
+
+
+def select_worker(selector: Any, request_id: str, token_ids: tuple[int, ...]) -> tuple[str, int]:
+    """(decode worker, prompt tokens it is expected to hold cached) from a `WorkerSelector`.
+
+    A selector with `select_cached` (the KV router) reports its expected overlap; others
+    report 0, so every prompt token counts as uncached.
+    """
+    select_cached = getattr(selector, "select_cached", None)
+    if select_cached is not None:
+        worker, cached = select_cached(request_id, token_ids)
+        return worker, int(cached)
+    return selector.select(request_id, token_ids), 0
+
+
+def build_disaggregator(params: Mapping[str, str], probe: Callable[[str], bool], client: ChunkClient) -> Disaggregator:
+    """The router model's `Disaggregator`: config from `params` + environment, prefill workers
+    discovered with `probe` (`is_model_ready` inside Triton) unless `prefill_models` fixes them,
+    prefill calls through `client` (BLS) watched for workers that go away."""
+    from router_ensemble.triton.watched_client import WatchedWorkerClient
+
+    config = DisaggConfig.from_mapping(params)
+    fixed = config.fixed_models
+    directory = WorkerDirectory(config.prefill_pool, probe=None if fixed else probe, fixed=fixed)
+    disagg = Disaggregator(config, directory)
+    disagg.client = WatchedWorkerClient(client, disagg.removals)  # type: ignore[arg-type]
+    return disagg

@@ -1,0 +1,208 @@
+"""What the `router` model does with one request, as plain classes (no Triton import).
+
+`Orchestrator.run` takes a validated `RouterRequest` and:
+
+1. tokenizes it (`text_input`, or `messages` through the model's chat template, or takes
+   `input_ids`);
+2. asks the `WorkerSelector` for a decode worker;
+3. streams the worker's `TokenChunk`s through a `WorkerClient` (BLS in production),
+   detokenizing incrementally (multi-byte characters split across tokens are held back)
+   and applying stop strings (text that may start one is held back too);
+4. emits `RouterDelta`s: one per new piece of text when streaming, or a single one at the end
+   otherwise; the last carries `finish_reason` ("stop" | "length" | "abort");
+5. polls `is_cancelled` between chunks; on cancellation or a stop string it closes the
+   worker stream, which aborts the request on the worker so its KV blocks are freed.
+
+Threads: `run` blocks for the life of one request and is called on one request thread per
+request; an `Orchestrator` holds no per-request state, so any number of requests run at once.
+Disaggregation (`router_ensemble.orchestration.disagg`): after step 2 a `Disaggregator` decides whether a
+prefill worker computes the prompt first; `_stream_chunks` then pumps that route's chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from router_ensemble.orchestration.disagg import Disaggregator, Route, select_worker
+from router_ensemble.routing.directory import WorkerSelector
+from router_ensemble.text.stop_strings import StopStringMatcher
+from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
+from trident.core.errors import EngineError, ValidationError
+from trident.core.router_io import RouterDelta, RouterRequest
+from trident.core.types import FINISH_ABORT, FINISH_STOP, GenerateRequest, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[RouterDelta], None]
+
+
+class WorkerClient(Protocol):
+    """How the orchestrator reaches a worker model.
+
+    `generate` yields the worker's chunks until the finished one; a worker error raises a
+    `TridentError` whose message is the worker's. Closing the iterator before the finished
+    chunk must abort the request on the worker and wait for it to end.
+    """
+
+    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]: ...
+
+
+class _Stream:
+    """Per-request output state: detokenizer, stop matcher, what is not yet emitted."""
+
+    __slots__ = ("detok", "matcher", "worker", "input_tokens", "cached", "total", "text", "ids", "stopped")
+
+    def __init__(self, detok: IncrementalDetokenizer, matcher: StopStringMatcher, worker: str, input_tokens: int) -> None:
+        self.detok = detok
+        self.matcher = matcher
+        self.worker = worker
+        self.input_tokens = input_tokens
+        self.cached = 0
+        self.total = 0
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.stopped = False
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.cached = max(self.cached, chunk.cached_tokens)
+        self.ids.extend(chunk.output_ids)
+        self.total += len(chunk.output_ids)
+        if not self.stopped and chunk.output_ids:
+            self._feed(self.detok.add(chunk.output_ids))
+
+    def finish(self) -> None:
+        """End of the token stream: release held-back text unless a stop string ended it."""
+        if not self.stopped:
+            self._feed(self.detok.flush())
+        if not self.stopped:
+            self.text.append(self.matcher.flush())
+
+    def _feed(self, piece: str) -> None:
+        out, hit = self.matcher.feed(piece)
+        self.text.append(out)
+        self.stopped = hit
+
+    def has_text(self) -> bool:
+        return any(self.text)
+
+    def take(self, finish_reason: str = "") -> RouterDelta:
+        delta = RouterDelta(
+            text_output="".join(self.text),
+            output_ids=tuple(self.ids),
+            finish_reason=finish_reason,
+            num_input_tokens=self.input_tokens,
+            num_output_tokens=self.total,
+            cached_tokens=self.cached,
+            worker=self.worker,
+        )
+        self.text.clear()
+        self.ids.clear()
+        return delta
+
+
+class Orchestrator:
+    """Runs router requests; see the module docstring. Shared by all request threads."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        selector: WorkerSelector,
+        client: WorkerClient,
+        cancel_poll_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        disagg: Disaggregator | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.selector = selector
+        self.client = client
+        self.cancel_poll_s = cancel_poll_s
+        self.clock = clock
+        self.disagg = disagg  # None: every prompt is prefilled by its decode worker
+
+    def prompt_ids(self, request: RouterRequest) -> tuple[int, ...]:
+        if request.input_ids is not None:
+            return request.input_ids
+        if request.messages is not None:
+            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(request.text_input or "", add_special_tokens=True)
+        if not ids:
+            raise ValidationError("text_input", "the prompt tokenizes to nothing")
+        return tuple(ids)
+
+    def run(self, request: RouterRequest, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> RouterDelta:
+        """Serve one request, calling `emit` for each response; returns the final delta.
+
+        Raises `TridentError` (validation or worker failure) before or during streaming; the
+        caller turns it into a Triton error response.
+        """
+        t0 = self.clock()
+        ids = self.prompt_ids(request)
+        t1 = self.clock()
+        request_id = uuid.uuid4().hex
+        worker, cached = select_worker(self.selector, request_id, ids)
+        try:
+            route = Route(worker) if self.disagg is None else self.disagg.route(
+                request_id, worker, len(ids), cached, request.sampling
+            )
+        except BaseException:
+            self.selector.release(request_id)
+            raise
+        logger.debug(
+            "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; tokenize %.1f ms, select %.1f ms)",
+            request_id, request.request_id, route.label, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
+        )
+        state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
+        generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
+        try:
+            reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
+        finally:
+            route.close()
+            self.selector.release(request_id)
+        state.finish()
+        if state.stopped:
+            reason = FINISH_STOP
+        final = state.take(reason)
+        served = getattr(self.selector, "record_served", None)  # the KV router's served hit rate
+        if served is not None:
+            served(worker, final.num_input_tokens, final.cached_tokens)
+        emit(final)
+        return final
+
+    def _stream_chunks(
+        self,
+        route: Route,
+        request: GenerateRequest,
+        state: _Stream,
+        emit: Emit | None,
+        is_cancelled: Callable[[], bool],
+    ) -> str:
+        """Pump the route's chunks into `state`; return the finish reason."""
+        chunks = route.chunks(self.client, request)
+        next_poll = self.clock() + self.cancel_poll_s
+        try:
+            for chunk in chunks:
+                state.worker = route.label  # changes if a gone prefill worker forced a local prefill
+                state.add(chunk)
+                if state.stopped:
+                    return FINISH_STOP
+                if chunk.finished:
+                    return chunk.finish_reason or FINISH_STOP
+                if emit is not None and state.has_text():
+                    emit(state.take())
+                now = self.clock()
+                if now >= next_poll:
+                    next_poll = now + self.cancel_poll_s
+                    if is_cancelled():
+                        logger.info("request_id=%s cancelled by the client", request.request_id)
+                        return FINISH_ABORT
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # aborts on the worker if the stream did not finish
+        raise EngineError(f"worker {route.label} ended request {request.request_id} without a final response")

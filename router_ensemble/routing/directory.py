@@ -1,0 +1,120 @@
+"""Which worker models exist, and the pluggable choice of one per request.
+
+`WorkerDirectory` discovers the live replicas of a pool (`decode`, `decode_1`, ...) by
+asking the server whether each is ready (`pb_utils.is_model_ready` inside the router model),
+re-checking at most every `refresh_s`, so replicas that the launcher or the planner loads or
+unloads at run time are picked up without restarting the router. A fixed list can be given
+instead.
+
+`WorkerSelector` is the spot where routing policies plug in: the orchestrator calls
+`select` once per request (any request thread) and `release` when the request ends.
+`RoundRobinSelector` is the default; the KV-aware `router_ensemble.routing.router.KvRouter` is
+adapted to the same two calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from trident.core.errors import WorkerUnavailable
+from trident.core.names import replica_name
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSelector(Protocol):
+    def select(self, request_id: str, token_ids: Sequence[int]) -> str: ...
+
+    def release(self, request_id: str) -> None: ...
+
+
+class WorkerDirectory:
+    """The ready replicas of one pool. Thread-safe; probes run on the calling request thread."""
+
+    def __init__(
+        self,
+        pool: str,
+        probe: Callable[[str], bool] | None = None,
+        fixed: Sequence[str] = (),
+        refresh_s: float = 2.0,
+        max_gap: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if probe is None and not fixed:
+            raise ValueError("WorkerDirectory needs a probe or a fixed list of workers")
+        self.pool = pool
+        self.probe = probe
+        self.fixed = tuple(fixed)
+        self.refresh_s = refresh_s
+        self.max_gap = max_gap
+        self.clock = clock
+        self._workers: tuple[str, ...] = self.fixed
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def workers(self) -> tuple[str, ...]:
+        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty."""
+        if self.fixed or self.probe is None:
+            return self.fixed
+        with self._lock:
+            now = self.clock()
+            if now - self._checked >= self.refresh_s:
+                found = self._scan()
+                if found != self._workers:
+                    logger.info("pool %s: workers %s", self.pool, ", ".join(found) or "(none)")
+                self._workers, self._checked = found, now
+            return self._workers
+
+    def invalidate(self) -> None:
+        """Force a re-scan on the next call (e.g. after a worker failed)."""
+        with self._lock:
+            self._checked = float("-inf")
+
+    def _scan(self) -> tuple[str, ...]:
+        assert self.probe is not None
+        found = [self.pool] if self._ready(self.pool) else []
+        gap = 0
+        for i in itertools.count(1):
+            name = replica_name(self.pool, i)
+            if self._ready(name):
+                found.append(name)
+                gap = 0
+            else:
+                gap += 1
+                if gap >= self.max_gap:
+                    break
+        return tuple(found)
+
+    def _ready(self, name: str) -> bool:
+        try:
+            return bool(self.probe(name))  # type: ignore[misc]
+        except Exception as exc:  # an unknown model may raise instead of answering False
+            logger.debug("probe %s: %s", name, exc)
+            return False
+
+
+class RoundRobinSelector:
+    """Cycles through the directory's workers, ignoring prompts and load."""
+
+    def __init__(self, directory: WorkerDirectory) -> None:
+        self.directory = directory
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def select(self, request_id: str, token_ids: Sequence[int]) -> str:
+        workers = self.directory.workers()
+        if not workers:
+            self.directory.invalidate()
+            raise WorkerUnavailable(f"no {self.directory.pool} worker is ready")
+        with self._lock:
+            worker = workers[self._next % len(workers)]
+            self._next += 1
+        return worker
+
+    def release(self, request_id: str) -> None:
+        return None

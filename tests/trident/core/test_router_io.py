@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from trident.core.errors import ValidationError
+from trident.core.router_io import (
+    RouterDelta,
+    check_parameters,
+    encode_router_outputs,
+    parse_router_inputs,
+)
+
+
+def s(*values: str) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype=np.object_)
+
+
+def test_defaults_and_text_prompt() -> None:
+    req = parse_router_inputs({"text_input": s("Hello")})
+    assert req.text_input == "Hello" and req.messages is None and req.input_ids is None
+    assert req.sampling.max_tokens == 16 and req.sampling.temperature == 1.0
+    assert req.stream is False and req.stop == ()
+
+
+def test_all_optional_inputs() -> None:
+    req = parse_router_inputs(
+        {
+            "messages": s(json.dumps([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])),
+            "max_tokens": np.array([7], np.int32),
+            "min_tokens": np.array([2], np.int32),
+            "stream": np.array([True]),
+            "temperature": np.array([0.5], np.float32),
+            "top_p": np.array([0.9], np.float32),
+            "top_k": np.array([40], np.int32),
+            "random_seed": np.array([3], np.uint64),
+            "stop": s("\n", ""),
+            "stop_token_ids": np.array([5, 6], np.int32),
+            "ignore_eos": np.array([True]),
+            "exclude_input_in_output": np.array([True]),
+            "request_id": s("abc"),
+        }
+    )
+    assert req.messages == ({"role": "user", "content": [{"type": "text", "text": "Hi"}]},)
+    sp = req.sampling
+    assert (sp.max_tokens, sp.min_tokens, sp.top_k, sp.seed, sp.ignore_eos) == (7, 2, 40, 3, True)
+    assert sp.temperature == pytest.approx(0.5) and sp.top_p == pytest.approx(0.9)
+    assert sp.stop_token_ids == (5, 6)
+    assert req.stream and req.stop == ("\n",) and req.request_id == "abc"
+
+
+@pytest.mark.parametrize(
+    "arrays,field",
+    [
+        ({}, "text_input"),
+        ({"text_input": s("")}, "text_input"),
+        ({"text_input": s("a"), "input_ids": np.array([1], np.int32)}, "input_ids"),
+        ({"text_input": s("a"), "max_tokens": np.array([0], np.int32)}, "max_tokens"),
+        ({"text_input": s("a"), "max_tokens": np.array([1, 2], np.int32)}, "max_tokens"),
+        ({"text_input": s("a"), "temperature": np.array([-1.0], np.float32)}, "temperature"),
+        ({"text_input": s("a"), "temperature": np.array([np.nan], np.float32)}, "temperature"),
+        ({"text_input": s("a"), "top_p": np.array([0.0], np.float32)}, "top_p"),
+        ({"text_input": s("a"), "top_k": np.array([-1], np.int32)}, "top_k"),
+        ({"text_input": s("a"), "min_tokens": np.array([20], np.int32)}, "min_tokens"),
+        ({"text_input": np.array([b"\xff"], dtype=np.object_)}, "text_input"),
+        ({"messages": s("[{")}, "messages"),
+        ({"messages": s("[]")}, "messages"),
+        ({"messages": s('[{"role": "user", "content": 3}]')}, "messages"),
+        ({"input_ids": np.array([], np.int32)}, "input_ids"),
+    ],
+)
+def test_bad_inputs_name_the_field(arrays: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        parse_router_inputs(arrays)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+
+
+def test_unknown_parameters_are_refused() -> None:
+    check_parameters({"triton_enable_empty_final_response": True})
+    with pytest.raises(ValidationError, match="max_token: unknown input"):
+        check_parameters({"max_token": 4})
+
+
+def test_outputs_carry_every_field() -> None:
+    delta = RouterDelta("é", (1, 2), "stop", 3, 2, 0, "decode_1")
+    out = encode_router_outputs(delta)
+    assert out["text_output"][0].decode() == "é"
+    assert out["output_ids"].dtype == np.int32 and out["output_ids"].tolist() == [1, 2]
+    assert out["finish_reason"][0] == b"stop" and out["worker"][0] == b"decode_1"
+    assert [int(out[k][0]) for k in ("num_input_tokens", "num_output_tokens", "cached_tokens")] == [3, 2, 0]

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trident.core.errors import ValidationError
+from trident.core.types import GenerateRequest, SamplingParams, TokenChunk
+from trident.core.worker_io import (
+    AbortCommand,
+    decode_chunk_outputs,
+    encode_abort_inputs,
+    encode_chunk_outputs,
+    encode_generate_inputs,
+    parse_generate_inputs,
+)
+
+
+def test_generate_request_round_trips() -> None:
+    sp = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.8, top_k=5, seed=2**40, stop_token_ids=(3,), min_tokens=1, ignore_eos=True)
+    request = GenerateRequest("r1", (5, 6, 7), sp)
+    back = parse_generate_inputs(encode_generate_inputs(request), "fallback")
+    assert isinstance(back, GenerateRequest)
+    assert back.request_id == "r1" and back.input_ids == (5, 6, 7)
+    assert back.sampling.max_tokens == 9 and back.sampling.seed == 2**40 and back.sampling.stop_token_ids == (3,)
+    assert back.sampling.temperature == pytest.approx(0.7)
+
+
+def test_abort_and_defaults() -> None:
+    assert parse_generate_inputs(encode_abort_inputs("r9"), "x") == AbortCommand("r9")
+    req = parse_generate_inputs({"input_ids": np.array([1, 2], np.int32)}, "triton-id")
+    assert isinstance(req, GenerateRequest) and req.request_id == "triton-id" and req.sampling == SamplingParams()
+    with pytest.raises(ValidationError, match="^input_ids: is required"):
+        parse_generate_inputs({}, "x")
+
+
+def test_chunk_round_trips() -> None:
+    chunk = TokenChunk("r", (4, 5), True, "length", num_input_tokens=3, cached_tokens=16)
+    back = decode_chunk_outputs(encode_chunk_outputs(chunk), "r")
+    assert back == TokenChunk("r", (4, 5), True, "length", 3, 16)
+    mid = decode_chunk_outputs(encode_chunk_outputs(TokenChunk("r", (1,))), "r")
+    assert not mid.finished and mid.finish_reason is None

@@ -1,0 +1,259 @@
+"""The glue between a decoupled worker model (`model_repository/decode`) and an engine.
+
+Threads:
+- Triton's model thread calls `execute(requests)`: each request is parsed, registered and
+  submitted to the engine (or answered at once with an error); `execute` never blocks.
+- The engine's loop thread calls the per-request sink with each `TokenChunk`: it sends one
+  Triton response per chunk through the request's response sender (the last with
+  `COMPLETE_FINAL`) and records timings. It never blocks and never calls back into the
+  engine: aborts it needs go to a queue.
+- The poller thread (owned here) aborts requests whose client cancelled (`is_cancelled()`)
+  or whose response could not be sent, and flushes metrics from `engine.stats()`.
+
+The engine owns its KV pool; this class owns only the map of in-flight requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from plugins.base import Engine
+from trident.core.errors import ConfigError, TridentError, ValidationError
+from trident.core.triton_io import (
+    close_quietly,
+    instance_device,
+    model_parameters,
+    pb_utils,
+    read_inputs,
+    send_final_error,
+    setup_logging,
+    tensors,
+)
+from trident.core.types import FINISH_ERROR, TokenChunk
+from trident.core.worker_io import (
+    WORKER_INPUTS,
+    AbortCommand,
+    encode_chunk_outputs,
+    parse_generate_inputs,
+)
+from trident.worker.events import WorkerEvents
+from trident.worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    request: Any  # pb_utils.InferenceRequest (kept for is_cancelled())
+    sender: Any  # its response sender
+    start: float
+    last: float = 0.0
+    generated: int = 0
+    aborted: bool = False
+    closed: bool = False  # the final response is being / has been sent
+    # Serializes is_cancelled() (poller) against the final send (engine thread): once the
+    # final response is out, Triton releases the request and asking about it is invalid.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) -> Engine:
+    """The engine named by the `engine` parameter ("torch", the default) for this instance."""
+    kind = params.get("engine", "torch")
+    if kind != "torch":
+        raise ConfigError(f"engine: unknown engine {kind!r} (available: torch)")
+    from plugins.torch_engine.config import TorchEngineConfig
+    from plugins.torch_engine.engine import TorchEngine
+
+    config = TorchEngineConfig.from_mapping(params)
+    changes: dict[str, object] = {"worker_id": name}
+    device = instance_device(args)
+    if device is not None:  # a KIND_GPU instance: honour model_instance_device_id
+        changes["device"] = device
+    return TorchEngine(dataclasses.replace(config, **changes).validate())
+
+
+def worker_from_args(args: Mapping[str, Any]) -> DecodeWorker:
+    """`initialize` of the decode and prefill models (their model.py): logging, parameters,
+    engine, metrics and KV-event publishing (the `kv_events` parameter; the prefill model's
+    config turns it off) for this instance. Returns the started worker; the model's
+    `finalize` calls its `shutdown()`."""
+    name = args["model_name"]
+    setup_logging(name)
+    params = model_parameters(json.loads(args["model_config"]))
+    events = WorkerEvents.from_params(name, params)
+    worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name), events=events)
+    worker.start()
+    return worker
+
+
+class DecodeWorker:
+    """One worker model instance serving one engine. See the module docstring for threads."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        metrics: WorkerMetrics | None = None,
+        poll_s: float = 0.05,
+        events: WorkerEvents | None = None,
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.metrics = metrics
+        self.events = events  # KV events + load for the router (trident.worker.events)
+        self.poll_s = poll_s
+        self._inflight: dict[str, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._to_abort: collections.deque[str] = collections.deque()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name=f"{name}-poller", daemon=True)
+
+    def start(self) -> None:
+        try:
+            self.engine.start()
+        except BaseException:
+            self.engine.shutdown()  # safe on a half-started engine
+            raise
+        info = self.engine.info()
+        logger.info(
+            "worker=%s ready: model=%s device=%s blocks=%d x %d tokens, max_model_len=%d",
+            self.name, info.model_id, info.device, info.num_blocks, info.block_size, info.max_model_len,
+        )
+        if self.events is not None:
+            try:
+                self.events.start(self.engine)
+            except BaseException:
+                self.engine.shutdown()
+                raise
+        self._poller.start()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._submit(request, sender)
+            except TridentError as exc:
+                send_final_error(sender, exc)
+            except Exception as exc:  # an engine bug must not kill the model instance
+                logger.exception("worker=%s: failed to submit a request", self.name)
+                send_final_error(sender, f"internal error in worker {self.name}: {exc}")
+
+    def _submit(self, request: Any, sender: Any) -> None:
+        arrays = read_inputs(request, WORKER_INPUTS)
+        parsed = parse_generate_inputs(arrays, request.request_id() or uuid.uuid4().hex)
+        if isinstance(parsed, AbortCommand):
+            self.engine.abort(parsed.request_id)
+            close_quietly(sender)
+            return
+        vocab = self.engine.info().vocab_size
+        if parsed.first_token is not None and parsed.first_token >= vocab:
+            raise ValidationError("first_token", f"token id {parsed.first_token} outside the vocabulary [0, {vocab})")
+        with self._lock:
+            if parsed.request_id in self._inflight:
+                raise ValidationError("request_id", f"{parsed.request_id!r} is already running on {self.name}")
+            self._inflight[parsed.request_id] = _InFlight(request, sender, time.monotonic())
+        try:
+            self.engine.submit(parsed, self._sink)
+        except BaseException:
+            with self._lock:
+                entry = self._inflight.pop(parsed.request_id, None)
+            if entry is not None:
+                with entry.lock:
+                    entry.closed = True  # execute() sends the error response
+            raise
+        if self.metrics is not None:
+            self.metrics.record_request(len(parsed.input_ids))
+
+    def _sink(self, chunk: TokenChunk) -> None:
+        """Engine thread: forward one chunk to the client."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._inflight.get(chunk.request_id)
+            if entry is not None and chunk.finished:
+                del self._inflight[chunk.request_id]
+        if entry is None:
+            return
+        self._record_timing(entry, chunk, now)
+        pb = pb_utils()
+        flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.finished else 0
+        try:
+            if chunk.finished:
+                with entry.lock:
+                    entry.closed = True
+                    self._send(entry, chunk, flags)
+            else:
+                self._send(entry, chunk, flags)
+        except Exception as exc:  # the client went away: stop generating for it
+            logger.info("worker=%s request_id=%s: send failed (%s); aborting", self.name, chunk.request_id, exc)
+            if not chunk.finished:
+                self._to_abort.append(chunk.request_id)
+
+    def _send(self, entry: _InFlight, chunk: TokenChunk, flags: int) -> None:
+        if chunk.finish_reason == FINISH_ERROR:
+            send_final_error(entry.sender, chunk.error or f"worker {self.name}: engine error")
+        else:
+            pb = pb_utils()
+            entry.sender.send(pb.InferenceResponse(output_tensors=tensors(encode_chunk_outputs(chunk))), flags=flags)
+
+    def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
+        n = len(chunk.output_ids)
+        if self.metrics is not None and n:
+            if entry.generated == 0:
+                self.metrics.record_ttft(now - entry.start)
+                if n > 1:
+                    self.metrics.record_itl(0.0, n - 1)
+            else:
+                self.metrics.record_itl((now - entry.last) / n, n)
+        entry.generated += n
+        if n:
+            entry.last = now
+        if chunk.finished and self.metrics is not None:
+            self.metrics.record_finished(entry.generated)
+
+    def _poll_loop(self) -> None:
+        """Poller thread: abort cancelled requests, flush metrics."""
+        next_flush = 0.0
+        while not self._stop.wait(self.poll_s):
+            while self._to_abort:
+                self.engine.abort(self._to_abort.popleft())
+            with self._lock:
+                entries = list(self._inflight.items())
+            for request_id, entry in entries:
+                if entry.aborted:
+                    continue
+                with entry.lock:
+                    if entry.closed:
+                        continue
+                    try:
+                        cancelled = entry.request.is_cancelled()
+                    except Exception:  # the request is already gone on the server side
+                        cancelled = True
+                if cancelled:
+                    entry.aborted = True
+                    logger.info("worker=%s request_id=%s cancelled by the client", self.name, request_id)
+                    self.engine.abort(request_id)
+            now = time.monotonic()
+            if self.metrics is not None and now >= next_flush:
+                self.metrics.flush(self.engine.stats())
+                next_flush = now + 0.25
+
+    def shutdown(self) -> None:
+        """Leave the router, stop polling, then shut the engine down (which finishes requests
+        with "abort")."""
+        if self.events is not None:
+            self.events.close()
+        self._stop.set()
+        if self._poller.is_alive():
+            self._poller.join(timeout=5)
+        self.engine.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
