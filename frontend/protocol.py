@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 
 from frontend.errors import APIError, invalid_request
+from trident.core.router_io import RouterRequest
+from trident.core.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -89,32 +90,6 @@ class CompletionRequest(_GenerationFields):
     suffix: StrictStr | None = None
     best_of: PositiveInt | None = None
     logprobs: NonNegInt | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RouterRequest:
-    """What one call of the router model needs; built here, sent by `RouterClient`.
-
-    Exactly one of `text_input`, `messages_json`, `input_ids` is set. None means "do not
-    send the input" so that the router's own default applies. `stream` follows the client:
-    a non-streaming request gets one router response instead of one per token, which
-    costs the frontend about a millisecond of CPU less per token.
-    """
-
-    request_id: str
-    text_input: str | None = None
-    messages_json: str | None = None
-    input_ids: tuple[int, ...] | None = None
-    max_tokens: int | None = None
-    min_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool | None = None
-    stream: bool = True
 
 
 # Router input -> the OpenAI field a client sent, for error messages from the router.
@@ -280,12 +255,17 @@ def to_router_requests(
     request_id: str,
     default_max_tokens: int | None,
 ) -> list[RouterRequest]:
-    """One `RouterRequest` per (prompt, choice); choice `k` of prompt `p` is index p*n+k."""
+    """One `RouterRequest` per (prompt, choice); choice `k` of prompt `p` is index p*n+k.
+
+    Sampling fields the client left out take the router's defaults (SamplingParams'); the
+    router validates the values. `stream` follows the client: a non-streaming request gets
+    one router response instead of one per token, about a millisecond of CPU less per token.
+    """
     max_tokens, _ = max_tokens_of(req, default_max_tokens)
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     inputs: list[dict[str, Any]]
     if messages is not None:
-        inputs = [{"messages_json": json.dumps(messages, ensure_ascii=False)}]
+        inputs = [{"messages": tuple(messages)}]
     else:
         inputs = [
             {"text_input": p} if isinstance(p, str) else {"input_ids": p} for p in prompts or []
@@ -299,21 +279,29 @@ def to_router_requests(
                 seed = (seed + k) % 2**64  # n samples of one prompt must differ
             out.append(
                 RouterRequest(
+                    sampling=_sampling(req, max_tokens, seed),
                     request_id=request_id if len(inputs) * req.n == 1 else f"{request_id}-{index}",
-                    max_tokens=max_tokens,
-                    min_tokens=req.min_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    top_k=None if req.top_k is None else max(req.top_k, 0),
-                    seed=seed,
                     stop=stops,
-                    stop_token_ids=tuple(req.stop_token_ids or ()),
-                    ignore_eos=req.ignore_eos,
                     stream=req.stream,
                     **prompt_input,
                 )
             )
     return out
+
+
+def _sampling(req: _GenerationFields, max_tokens: int | None, seed: int | None) -> SamplingParams:
+    """The client's sampling fields over the router's defaults (None: not sent)."""
+    sent: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": None if req.top_k is None else max(req.top_k, 0),  # -1 (vLLM) = disabled
+        "seed": seed,
+        "stop_token_ids": tuple(req.stop_token_ids) if req.stop_token_ids else None,
+        "ignore_eos": req.ignore_eos,
+    }
+    return SamplingParams(**{k: v for k, v in sent.items() if v is not None})
 
 
 def router_param_map(req: _GenerationFields, chat: bool) -> dict[str, str]:

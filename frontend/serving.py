@@ -21,8 +21,8 @@ from typing import Any
 
 from frontend.errors import APIError, service_unavailable
 from frontend.metrics import FrontendMetrics
-from frontend.protocol import RouterRequest
-from frontend.triton_client import RouterClient, RouterDelta
+from frontend.triton_client import RouterClient
+from trident.core.router_io import RouterDelta, RouterRequest
 
 logger = logging.getLogger(__name__)
 

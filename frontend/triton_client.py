@@ -7,12 +7,13 @@ bidirectional `ModelStreamInfer` stream per router request and yields `RouterDel
 the response that carries a `finish_reason`. Leaving the generator early (the client went
 away, a sibling choice failed, a timeout) cancels the gRPC call: Triton then marks the
 request cancelled, the router cancels its BLS children and the workers free the blocks.
+Requests and responses go through `trident.core.router_io` (`encode_router_inputs`,
+`decode_router_outputs`); each tensor's datatype comes from the `ROUTER_INPUTS` table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -20,14 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from frontend.errors import APIError, from_triton_message, service_unavailable
-from frontend.protocol import RouterRequest
+from trident.core.contract import ROUTER_INPUTS, ROUTER_OUTPUTS
+from trident.core.errors import ValidationError
 from trident.core.names import ADMIN_KEY_GRPC_HEADER, is_worker_model, replica_name
+from trident.core.router_io import (
+    RouterDelta,
+    RouterRequest,
+    decode_router_outputs,
+    encode_router_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +43,6 @@ _MODEL_ID_KEYS = ("served_model_name", "model_id", "model_name")
 _MODEL_PATH_KEYS = ("model_path", "model", "gguf_path", "model_dir")
 # Without the admin key, /health probes <pool>, <pool>_1 .. <pool>_{N-1} by name.
 _PROBED_REPLICAS = 8
-
-
-@dataclass(frozen=True, slots=True)
-class RouterDelta:
-    """One response of the router: the text and tokens new since the previous one."""
-
-    text_output: str
-    output_ids: tuple[int, ...]
-    finish_reason: str  # "" until the last response
-    num_input_tokens: int
-    num_output_tokens: int
-    cached_tokens: int
-    worker: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,45 +58,13 @@ class Readiness:
         return self.router_ready and bool(self.workers)
 
 
-def build_inputs(req: RouterRequest) -> list[InferInput]:
-    """The router's input tensors for `req`; inputs left as None are not sent."""
-    inputs: list[InferInput] = []
-
-    def add(name: str, dtype: str, values: Any, np_dtype: Any) -> None:
-        array = np.asarray(values, dtype=np_dtype).reshape(-1)
-        tensor = InferInput(name, list(array.shape), dtype)
+def _infer_inputs(req: RouterRequest) -> list[InferInput]:
+    """The router's input tensors for `req`, each with its datatype from `ROUTER_INPUTS`."""
+    inputs = []
+    for name, array in encode_router_inputs(req).items():
+        tensor = InferInput(name, list(array.shape), ROUTER_INPUTS[name].datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-
-    def text(value: str) -> bytes:
-        return value.encode("utf-8")
-
-    if req.text_input is not None:
-        add("text_input", "BYTES", [text(req.text_input)], np.object_)
-    if req.messages_json is not None:
-        add("messages", "BYTES", [text(req.messages_json)], np.object_)
-    if req.input_ids is not None:
-        add("input_ids", "INT32", list(req.input_ids), np.int32)
-    if req.max_tokens is not None:
-        add("max_tokens", "INT32", [req.max_tokens], np.int32)
-    if req.min_tokens is not None:
-        add("min_tokens", "INT32", [req.min_tokens], np.int32)
-    if req.temperature is not None:
-        add("temperature", "FP32", [req.temperature], np.float32)
-    if req.top_p is not None:
-        add("top_p", "FP32", [req.top_p], np.float32)
-    if req.top_k is not None:
-        add("top_k", "INT32", [req.top_k], np.int32)
-    if req.seed is not None:
-        add("seed", "UINT64", [req.seed], np.uint64)
-    if req.stop:
-        add("stop", "BYTES", [text(s) for s in req.stop], np.object_)
-    if req.stop_token_ids:
-        add("stop_token_ids", "INT32", list(req.stop_token_ids), np.int32)
-    if req.ignore_eos is not None:
-        add("ignore_eos", "BOOL", [req.ignore_eos], np.bool_)
-    add("stream", "BOOL", [req.stream], np.bool_)
-    add("request_id", "BYTES", [text(req.request_id)], np.object_)
     return inputs
 
 
@@ -151,20 +113,19 @@ class RouterClient:
         Raises `APIError` for a Triton error (mapped by `from_triton_message`) or a
         broken stream. Closing the generator early cancels the Triton request.
         """
-        inputs = build_inputs(req)
+        inputs = _infer_inputs(req)
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": self.router_model, "inputs": inputs, "request_id": req.request_id}
 
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stream = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout_s)
         finished = False
         try:
             async for result, error in _guard(stream):
                 if error is not None:
                     raise from_triton_message(error.message() or str(error), param_map)
-                delta = _parse(result, decoder)
-                finished = bool(delta.finish_reason)
+                delta = _parse(result)
+                finished = delta.final
                 yield delta
                 if finished:
                     return
@@ -302,28 +263,13 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError) -> APIError:
     return from_triton_message(details)
 
 
-def _parse(result: Any, decoder: codecs.IncrementalDecoder) -> RouterDelta:
-    def scalar(name: str, default: Any) -> Any:
-        array = result.as_numpy(name)
-        return default if array is None or array.size == 0 else array.reshape(-1)[0]
-
-    raw_text = scalar("text_output", b"")
-    finish = scalar("finish_reason", b"")
-    if isinstance(finish, bytes):
-        finish = finish.decode("utf-8", errors="replace")
-    text = decoder.decode(raw_text if isinstance(raw_text, bytes) else str(raw_text).encode())
-    if finish:
-        text += decoder.decode(b"", final=True)
-    ids = result.as_numpy("output_ids")
-    worker = scalar("worker", b"")
-    return RouterDelta(
-        text_output=text,
-        output_ids=() if ids is None else tuple(int(t) for t in ids.reshape(-1)),
-        finish_reason=str(finish),
-        num_input_tokens=int(scalar("num_input_tokens", 0)),
-        num_output_tokens=int(scalar("num_output_tokens", 0)),
-        cached_tokens=int(scalar("cached_tokens", 0)),
-        worker=worker.decode("utf-8", errors="replace")
-        if isinstance(worker, bytes)
-        else str(worker),
-    )
+def _parse(result: Any) -> RouterDelta:
+    """One router response. Each carries whole UTF-8 text (the router encodes `str` deltas),
+    so no decoder state is kept across responses."""
+    arrays = {name: a for name in ROUTER_OUTPUTS if (a := result.as_numpy(name)) is not None}
+    try:
+        return decode_router_outputs(arrays)
+    except ValidationError as exc:
+        raise APIError(
+            502, f"the router sent a malformed response: {exc}", type="server_error"
+        ) from None

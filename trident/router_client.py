@@ -20,48 +20,49 @@ from typing import Any
 
 import numpy as np
 
-# input name -> (Triton datatype, numpy dtype)
-INPUT_TYPES: dict[str, tuple[str, Any]] = {
-    **dict.fromkeys(("text_input", "messages", "request_id", "stop", "abort_request_id"), ("BYTES", np.object_)),
-    **dict.fromkeys(("input_ids", "max_tokens", "min_tokens", "top_k", "stop_token_ids"), ("INT32", np.int32)),
-    **dict.fromkeys(("temperature", "top_p"), ("FP32", np.float32)),
-    **dict.fromkeys(("seed", "random_seed"), ("UINT64", np.uint64)),
-    **dict.fromkeys(("stream", "ignore_eos", "exclude_input_in_output"), ("BOOL", np.bool_)),
-}
-_NP_TO_TRITON = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
-                 np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL", np.dtype(np.object_): "BYTES"}
+from trident.core.contract import (
+    ROUTER_INPUTS,
+    ROUTER_OUTPUTS,
+    WORKER_INPUTS,
+    WORKER_OUTPUTS,
+    Contract,
+    TensorSpec,
+)
+from trident.core.names import is_worker_model
 
 
-def to_array(name: str, value: Any) -> tuple[np.ndarray, str]:
-    """A Python value as the tensor the model expects (scalars become shape [1])."""
-    if isinstance(value, np.ndarray):
-        return value, _NP_TO_TRITON[value.dtype]
-    datatype, dtype = INPUT_TYPES.get(name, ("BYTES", np.object_))
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if dtype is np.object_:
-        return np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_), datatype
-    return np.array(values, dtype=dtype), datatype
+def contracts(model: str, outputs: bool = False) -> tuple[Contract, Contract]:
+    """`model`'s table first (worker models: WORKER_*, else ROUTER_*), then the other one."""
+    router, worker = (ROUTER_OUTPUTS, WORKER_OUTPUTS) if outputs else (ROUTER_INPUTS, WORKER_INPUTS)
+    return (worker, router) if is_worker_model(model) else (router, worker)
 
 
-def decode_outputs(result: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    """Outputs of one response as Python values (strings decoded, scalars unwrapped)."""
+def spec_of(name: str, model: str = "router", outputs: bool = False) -> TensorSpec:
+    """The spec of tensor `name` of `model`. The other table is searched too, so a worker
+    pool of another name works; a name neither table knows raises `ValidationError`."""
+    first, second = contracts(model, outputs)
+    if name not in first and name in second:
+        return second[name]
+    return first.spec(name)
+
+
+def to_array(name: str, value: Any, model: str = "router") -> tuple[np.ndarray, str]:
+    """A Python value (or array) as the tensor `model` expects, with its Triton datatype."""
+    spec = spec_of(name, model)
+    return spec.encode(value), spec.datatype
+
+
+def decode_outputs(result: Any, names: tuple[str, ...], model: str = "router") -> dict[str, Any]:
+    """The outputs among `names` of one response as Python values: text as str, raw bytes
+    as bytes, single values unwrapped, lists (dims [-1]) as lists."""
     out: dict[str, Any] = {}
     for name in names:
         array = result.as_numpy(name)
         if array is None:
             continue
-        if array.dtype == np.object_:
-            items = [v.decode("utf-8") if isinstance(v, bytes) else v for v in array.reshape(-1)]
-            out[name] = items[0] if len(items) == 1 else items
-        elif name in ("output_ids",):
-            out[name] = [int(v) for v in array.reshape(-1)]
-        else:
-            out[name] = array.reshape(-1)[0].item() if array.size == 1 else array.tolist()
+        value = spec_of(name, model, outputs=True).read(array)
+        out[name] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-ROUTER_OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "num_input_tokens",
-                       "num_output_tokens", "cached_tokens", "worker")
 
 
 class RouterClient:
@@ -71,13 +72,13 @@ class RouterClient:
     their own client (a channel is cheap); `stream` holds a lock for the request's life.
     """
 
-    def __init__(self, url: str, model: str = "router", output_names: tuple[str, ...] = ROUTER_OUTPUT_NAMES) -> None:
+    def __init__(self, url: str, model: str = "router", output_names: tuple[str, ...] | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.url = url
         self.model = model
-        self.output_names = output_names
+        self.output_names = output_names  # None: every output of the model called
         self._client = grpcclient.InferenceServerClient(url)
         self._responses: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
@@ -91,11 +92,14 @@ class RouterClient:
     def stream(self, model: str | None = None, timeout: float = 300.0, **inputs: Any) -> Iterator[dict[str, Any]]:
         """Send one request; yield each response's outputs until the final one.
 
-        An error response raises `tritonclient.utils.InferenceServerException`.
+        Each input is encoded as `model`'s table declares it (see `to_array`). An error
+        response raises `tritonclient.utils.InferenceServerException`.
         """
+        model = model or self.model
+        names = self.output_names or contracts(model, outputs=True)[0].names
         tensors = []
         for name, value in inputs.items():
-            array, datatype = to_array(name, value)
+            array, datatype = to_array(name, value, model)
             tensor = self._grpc.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
@@ -105,7 +109,7 @@ class RouterClient:
                 self._client.start_stream(callback=self._on_response)
                 self._streaming = True
             self._client.async_stream_infer(
-                model or self.model, tensors, request_id=f"c{next(self._ids)}", enable_empty_final_response=True
+                model, tensors, request_id=f"c{next(self._ids)}", enable_empty_final_response=True
             )
             self._pending = True
             while True:
@@ -118,7 +122,7 @@ class RouterClient:
                 if final:
                     self._pending = False
                 if response.outputs:
-                    yield decode_outputs(item, self.output_names)
+                    yield decode_outputs(item, names, model)
                 if final:
                     return
 

@@ -1,6 +1,6 @@
 """The contract between an engine and the KV transfer layer.
 
-Who calls what (all on the engine's loop thread unless noted):
+Who calls what (on the engine's loop thread, except the importer, noted below):
 
 - Every engine allocates its KV pool with `allocate_pool(layout, num_blocks, device,
   shareable)`; with `shareable=True` the memory can be mapped by another process (POSIX
@@ -10,9 +10,11 @@ Who calls what (all on the engine's loop thread unless noted):
   request's prompt blocks stay pinned under a lease and the returned descriptor (bytes)
   travels to a decode worker through the router. Each step the engine calls
   `poll_released()` and frees the blocks of leases that were released or have expired.
-- A decode engine, when it admits a request with `kv_import`, calls `KVImporter.open()`
-  (parses, checks the layout fingerprint, maps the peer pool once per peer), allocates its
-  own blocks, `pull()`s into them, and `release()`s the lease.
+- A decode engine, when it admits a request with a `kv_descriptor`, allocates its own blocks
+  and starts a load (`kv_manager.kv_cache_manager`); its loader thread (one thread, so the
+  importer is never used by two at once) calls `KVImporter.open()` (parses, checks the
+  layout fingerprint, maps the peer pool once per peer), `pull()`s into the blocks and
+  `release()`s the lease, while the loop thread keeps stepping the running batch.
 """
 
 from __future__ import annotations

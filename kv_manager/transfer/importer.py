@@ -40,7 +40,8 @@ class _Peer:
 class KVImporterImpl:
     """Pulls a prefill worker's KV blocks into this worker's pool.
 
-    Built by the decode engine at start; every method runs on the engine loop thread. For
+    Built by the decode engine at start; every method runs on its KV loader thread (one
+    thread; `close()` on the loop thread at shutdown, after the loader has stopped). For
     each request: `open()` the descriptor, allocate blocks in the engine's own pool, `pull()`
     into them (returns when the data is in place), then `release()` the lease whether or not
     the pull worked. The importer owns the peer mappings and sockets, never any block;

@@ -2,8 +2,12 @@
 
 Threads: `submit`, `abort`, `take_events` and `stats` may be called from any thread (a
 Triton model's `execute`, a BLS thread); they only touch the inbox and snapshots under a
-lock. One loop thread, started by `start()`, owns the scheduler, the block pool, the model
-and the KV pool, and calls the request sinks. `shutdown()` joins it.
+lock. One loop thread, started by `start()`, owns the scheduler, the KV-cache manager and
+its block pool, the model and the KV pool, and calls the request sinks. One more thread, the
+KV loader's, pulls a decode request's prompt KV from the prefill worker (the only user of the
+importer) into blocks the manager reserved, while the loop keeps stepping; the loop finds
+finished pulls at its next `schedule()`. `shutdown()` joins the loop, which waits for the
+loader before the pool is released.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ from dataclasses import replace
 
 import torch
 
-from kv_manager.block_pool import Block
+from kv_manager.kv_cache_manager import KVCacheManager, KVLoad, ThreadedKVLoader
 from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.runner import ModelRunner
 from plugins.torch_engine.sampler import make_state
 from plugins.torch_engine.scheduler import Scheduler
-from plugins.torch_engine.sequence import Sequence
+from plugins.torch_engine.sequence import SeqStatus, Sequence
 from plugins.torch_engine.setup import EngineParts, build_parts
 from trident.core.errors import EngineError, ValidationError
 from trident.core.types import (
@@ -52,6 +56,7 @@ class TorchEngine(Engine):
         self._stopping = False
         self._closed = False
         self._seqs: dict[str, Sequence] = {}  # loop thread only
+        self._kv: KVCacheManager | None = None
         self._counters = {"prompt": 0, "cached": 0, "generated": 0}
 
     # -- lifecycle --------------------------------------------------------------------
@@ -65,7 +70,9 @@ class TorchEngine(Engine):
             torch.set_num_threads(self.config.num_threads)
         self._parts = build_parts(self.config)
         p = self._parts
-        self.scheduler = Scheduler(p.block_pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self._import_kv)
+        loader = ThreadedKVLoader(self._pull_kv, on_done=self._wake.set, name=f"kv-load-{self.config.worker_id}")
+        self._kv = KVCacheManager(p.block_pool, loader)
+        self.scheduler = Scheduler(self._kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(p.model, p.memory.tensor, self.config.block_size)
         self._publish_stats()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.config.worker_id}", daemon=True)
@@ -86,6 +93,8 @@ class TorchEngine(Engine):
             self._thread.join(timeout=30)
             if self._thread.is_alive():
                 log.error("engine %s: loop thread did not stop within 30 s", self.config.worker_id)
+        if self._kv is not None and (self._thread is None or not self._thread.is_alive()):
+            self._kv.close()  # done by the loop already; here for a half-started engine
         if self._parts is not None:
             self._parts.close()
 
@@ -134,6 +143,8 @@ class TorchEngine(Engine):
                 self._finish(seq, FINISH_ABORT)
             self._drain_inbox(reject=True)
             self._reclaim_leases()
+            if self._kv is not None:
+                self._kv.close()  # waits for a pull in flight, then frees its blocks
             self._publish_stats()
 
     def _drain_inbox(self, reject: bool = False) -> None:
@@ -169,7 +180,10 @@ class TorchEngine(Engine):
             log.warning("request_id=%s worker=%s: KV import failed: %s", seq.request_id, self.config.worker_id, exc)
             self._finish(seq, FINISH_ERROR, error=str(exc))
         if not batch.seqs:
-            self._wake.wait(0.001)
+            self._publish_stats()
+            # Blocked waiting sequences retry soon; pulls in flight wake the loop when done.
+            self._wake.wait(0.001 if self.scheduler.waiting else 0.05)
+            self._wake.clear()
             return
         try:
             sampled = self.runner.run(batch)
@@ -219,50 +233,54 @@ class TorchEngine(Engine):
     def _export(self, seq: Sequence) -> bytes:
         """Move the prompt's blocks from the sequence to a lease (prefill side)."""
         bs = self.config.block_size
-        n = -(-seq.prompt_len // bs)
-        self.scheduler.cache_blocks(seq, seq.prompt_len // bs)
-        leased, rest = seq.block_table[:n], seq.block_table[n:]
-        seq.block_table = rest
+        assert self._kv is not None and self._parts is not None and self._parts.exporter is not None
+        self._kv.cache_blocks(seq, seq.prompt_len // bs)
+        leased = self._kv.lend(seq, -(-seq.prompt_len // bs))
         hashes = seq.hashes_upto(seq.prompt_len // bs, bs)
-        assert self._parts is not None and self._parts.exporter is not None
-        return self._parts.exporter.export(seq.request_id, [b.block_id for b in leased], seq.prompt_len, list(hashes))
+        return self._parts.exporter.export(seq.request_id, leased, seq.prompt_len, list(hashes))
 
     def _reclaim_leases(self) -> None:
         exporter = self._parts.exporter if self._parts else None
-        if exporter is None:
+        if exporter is None or self._kv is None:
             return
-        pool = self.scheduler.pool
         for block_ids in exporter.poll_released():
-            pool.free_blocks([pool.blocks[i] for i in block_ids])
+            self._kv.take_back(block_ids)
 
-    def _import_kv(self, seq: Sequence, skip: int, blocks: list[Block]) -> None:
-        """Pull a prompt's KV from the prefill worker's pool (decode side)."""
+    def _pull_kv(self, load: KVLoad) -> None:
+        """On the KV loader's thread: pull a prompt's KV from the prefill worker's pool into
+        `load.block_ids` (decode side). Raises on failure; the request then fails alone."""
         importer = self._parts.importer if self._parts else None
         if importer is None:
             raise EngineError("this worker cannot import KV (no importer)")
-        raw = seq.request.kv_descriptor
-        assert raw is not None
-        desc = importer.open(raw)
+        pool = self.runner.pool
+        if pool.is_cuda:
+            torch.cuda.set_device(pool.device)  # per thread: the copy launches on this device
+        desc = importer.open(load.source)
         try:
-            if desc.num_tokens != seq.prompt_len:
-                raise ValidationError("kv_descriptor", f"covers {desc.num_tokens} tokens, the prompt has {seq.prompt_len}")
-            part = replace(desc, block_ids=tuple(desc.block_ids[skip : skip + len(blocks)]))
-            importer.pull(part, self.runner.pool, [b.block_id for b in blocks])
+            if desc.num_tokens != load.num_tokens:
+                raise ValidationError("kv_descriptor", f"covers {desc.num_tokens} tokens, the prompt has {load.num_tokens}")
+            skip, n = load.skip_blocks, len(load.block_ids)
+            part = replace(desc, block_ids=tuple(desc.block_ids[skip : skip + n]))
+            importer.pull(part, pool, list(load.block_ids))
         finally:
             importer.release(desc)
 
     # -- snapshots --------------------------------------------------------------------
     def _publish_stats(self) -> None:
-        sched = self.scheduler
-        pool = sched.pool
-        prefill_tokens = sum(max(0, s.prompt_len - s.num_computed) for s in self._seqs.values())
+        sched, kv = self.scheduler, self.scheduler.kv
+        # A prompt whose KV is loaded from elsewhere is no prefill work for this worker.
+        prefill_tokens = sum(
+            max(0, s.prompt_len - s.num_computed)
+            for s in self._seqs.values()
+            if not s.import_pending and s.status is not SeqStatus.WAITING_FOR_KV
+        )
         exporter = self._parts.exporter if self._parts else None
         self._stats = EngineStats(
             running=len(sched.running),
-            waiting=len(sched.waiting),
-            active_blocks=pool.num_used_blocks,
-            total_blocks=pool.num_blocks,
-            cached_blocks=len(pool.cached),
+            waiting=sched.num_waiting,  # WAITING_FOR_KV counts as waiting
+            active_blocks=kv.num_used_blocks,
+            total_blocks=kv.num_blocks,
+            cached_blocks=kv.num_cached_blocks,
             active_prefill_tokens=prefill_tokens,
             prompt_tokens=self._counters["prompt"],
             cached_prompt_tokens=self._counters["cached"],
@@ -270,7 +288,7 @@ class TorchEngine(Engine):
             preemptions=sched.num_preemptions,
             held_blocks=exporter.held_blocks() if exporter else 0,
         )
-        events = pool.take_events()
+        events = kv.take_events()
         if events:
             with self._lock:
                 self._events.extend(events)

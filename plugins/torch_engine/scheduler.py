@@ -1,28 +1,34 @@
-"""Continuous batching with a per-step token budget, chunked prefill, prefix caching and
-preemption by recompute.
+"""Continuous batching with a per-step token budget, chunked prefill, prefix caching,
+preemption by recompute, and KV imports that never stall the batch.
 
-The engine loop thread calls `add`, `abort`, `schedule` and `update` in turn; nothing else
-touches a `Scheduler`. The scheduler owns the `BlockPool` and every sequence's block table.
+The engine loop thread calls `add`, `remove`, `schedule` and `update` in turn; nothing else
+touches a `Scheduler`. The scheduler owns its `KVCacheManager` (which owns the block pool
+and every block) and the queues of sequences.
 
-Each `schedule()` spends `max_num_batched_tokens`: running sequences first (one token per
-decoding sequence, the next chunk for a sequence still prefilling), then waiting ones, whose
-cached prefix blocks are reused. When blocks run out, the most recently admitted running
-sequence is preempted: its blocks are freed and it goes back to the front of the queue to
-be recomputed later (cheaply, through the prefix cache).
+States: WAITING (in `waiting`) -> RUNNING (in `running`) -> FINISHED. A waiting sequence
+whose prompt KV comes from a prefill worker first gets its blocks and an external load
+started, and waits in `loading` as WAITING_FOR_KV; when the load has finished it goes back to
+the front of `waiting` with its whole prompt computed, and decodes from its first token.
+A failed load is returned by `schedule()` (blocks already freed) for the engine to fail.
+
+Each `schedule()` first collects finished loads, then spends `max_num_batched_tokens`:
+running sequences first (one token per decoding sequence, the next chunk for a sequence
+still prefilling), then waiting ones, whose cached prefix blocks are reused. When blocks run
+out, the most recently admitted running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later (cheaply, through the prefix
+cache).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
-from kv_manager.block_pool import Block, BlockPool
+from kv_manager.kv_cache_manager import KVCacheManager
 from plugins.torch_engine.sequence import SeqStatus, Sequence
 
-# Pulls a sequence's prompt KV from a prefill worker into `blocks` (the prompt blocks after
-# the first `skip` ones). Raises on failure.
-ImportFn = Callable[[Sequence, int, list[Block]], None]
+Failed = list[tuple[Sequence, Exception]]
 
 
 @dataclass(slots=True)
@@ -35,20 +41,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        pool: BlockPool,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        import_fn: ImportFn | None = None,
-    ) -> None:
-        self.pool = pool
-        self.block_size = pool.block_size
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.block_size = kv.block_size
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
-        self.import_fn = import_fn
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.loading: list[Sequence] = []  # WAITING_FOR_KV, in load start order
         self.num_preemptions = 0
 
     # -- queue -----------------------------------------------------------------------
@@ -57,25 +57,30 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Also while a load is in flight, even an abandoned one: its blocks come back
+        only when `schedule()` sees it finish."""
+        return bool(self.waiting or self.running or self.kv.has_loads())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.loading)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finish or abort)."""
+        """Take a sequence out of the queues and free its blocks (finish or abort). The
+        blocks of a sequence waiting for KV are freed when its load has finished."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        self.free(seq)
+        elif seq.status is SeqStatus.WAITING_FOR_KV:
+            self.loading.remove(seq)
+        self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
 
-    def free(self, seq: Sequence) -> None:
-        self.pool.free_blocks(seq.block_table)
-        seq.block_table = []
-        seq.num_cached_blocks = 0
-
     # -- scheduling ------------------------------------------------------------------
-    def schedule(self) -> tuple[ScheduledBatch, list[tuple[Sequence, Exception]]]:
-        """Pick this step's work. Also returns sequences whose KV import failed."""
+    def schedule(self) -> tuple[ScheduledBatch, Failed]:
+        """Pick this step's work. Also returns sequences whose KV load failed."""
+        failed = self._collect_loads()
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
         preempted = False
@@ -87,7 +92,7 @@ class Scheduler:
             if num_new <= 0:
                 kept.append(seq)
                 continue
-            while not self._allocate(seq, num_new):
+            while self.kv.allocate_slots(seq, num_new) is None:
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 preempted = True
@@ -98,23 +103,15 @@ class Scheduler:
                 kept.append(seq)
                 budget -= num_new
         self.running = kept + [s for s in queue if s.status is SeqStatus.RUNNING]
-        failed: list[tuple[Sequence, Exception]] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            try:
-                admitted = self._admit(seq)
-            except Exception as exc:  # a failed KV import fails this request only
+            if seq.import_pending:
+                if not self._start_load(seq):
+                    break
                 self.waiting.popleft()
-                self.free(seq)
-                seq.status = SeqStatus.FINISHED
-                failed.append((seq, exc))
                 continue
-            if not admitted:
-                break
-            num_new = min(seq.num_pending, budget)
-            if not self._allocate(seq, num_new):
-                self.free(seq)
-                seq.num_computed = 0
+            num_new = self._admit(seq, budget)
+            if num_new is None:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -130,75 +127,72 @@ class Scheduler:
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
-            self.cache_blocks(seq, seq.num_computed // bs)
-
-    def cache_blocks(self, seq: Sequence, num_full: int) -> None:
-        if not self.pool.enable_caching or num_full <= seq.num_cached_blocks:
-            return
-        bs, start = self.block_size, seq.num_cached_blocks
-        hashes = seq.hashes_upto(num_full, bs)
-        parent = hashes[start - 1] if start else None
-        self.pool.cache_full_blocks(
-            seq.block_table[start:num_full], hashes[start:], seq.token_ids[start * bs : num_full * bs], parent
-        )
-        seq.num_cached_blocks = num_full
+            self.kv.cache_blocks(seq, seq.num_computed // bs)
 
     # -- internals ---------------------------------------------------------------------
-    def _admit(self, seq: Sequence) -> bool:
-        """Attach cached prefix blocks (and imported KV) to a waiting sequence."""
-        if seq.block_table:
-            return True
-        bs = self.block_size
-        # Leave at least one token to compute so the step produces logits; an imported
-        # prompt is complete up to the first token the prefill worker sampled.
-        limit = seq.prompt_len if seq.import_pending else len(seq.token_ids) - 1
-        hits = self._match_prefix(seq, limit // bs)
-        computed = len(hits) * bs
-        if seq.import_pending:
-            need = -(-seq.prompt_len // bs) - len(hits)
-            new = self.pool.get_new_blocks(need)
-            if new is None:
-                self.pool.free_blocks(hits)
-                return False
-            seq.block_table = hits + new
-            seq.import_pending = False
-            if self.import_fn is None:
-                raise RuntimeError("this engine has no KV importer")
-            self.import_fn(seq, len(hits), new)
-            computed = seq.prompt_len
-        else:
-            seq.block_table = hits
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give a waiting sequence its blocks (cached prefix first); the tokens it computes
+        this step, or None when the pool is short."""
+        if seq.block_table:  # its KV was loaded
+            num_new = min(seq.num_pending, budget)
+            if self.kv.allocate_slots(seq, num_new) is not None:
+                return num_new
+            # Wait without holding blocks; the loaded prompt blocks stay in the prefix cache.
+            self.kv.free(seq)
+            seq.num_computed = 0
+            return None
+        # Leave at least one token to compute so the step produces logits.
+        hits = self.kv.get_computed_blocks(seq, len(seq.token_ids) - 1)
+        computed = len(hits) * self.block_size
+        num_new = min(len(seq.token_ids) - computed, budget)
+        if self.kv.allocate_slots(seq, num_new, hits) is None:
+            return None
         seq.num_computed = computed
-        seq.num_cached_blocks = min(len(hits), computed // bs)
+        seq.num_cached_blocks = len(hits)
         if not seq.admitted_once:
             seq.cached_tokens = min(computed, seq.prompt_len)
             seq.admitted_once = True
-        return True
+        return num_new
 
-    def _match_prefix(self, seq: Sequence, max_blocks: int) -> list[Block]:
-        if not self.pool.enable_caching or max_blocks <= 0:
-            return []
-        bs, hits = self.block_size, []
-        for i, h in enumerate(seq.hashes_upto(max_blocks, bs)):
-            block = self.pool.get_cached_block(h, seq.token_ids[i * bs : (i + 1) * bs])
-            if block is None:
-                break
-            hits.append(block)
-        self.pool.touch(hits)
-        return hits
-
-    def _allocate(self, seq: Sequence, num_new: int) -> bool:
-        need = -(-(seq.num_computed + num_new) // self.block_size) - len(seq.block_table)
-        if need <= 0:
-            return True
-        blocks = self.pool.get_new_blocks(need)
-        if blocks is None:
+    def _start_load(self, seq: Sequence) -> bool:
+        """Reserve blocks for the whole prompt (cached prefix blocks count) and start loading
+        the rest; False when the pool is short."""
+        bs = self.block_size
+        hits = self.kv.get_computed_blocks(seq, seq.prompt_len)
+        external = seq.prompt_len - len(hits) * bs
+        if self.kv.allocate_slots(seq, 0, hits, num_external_computed_tokens=external) is None:
             return False
-        seq.block_table.extend(blocks)
+        seq.num_cached_blocks = len(hits)
+        seq.import_pending = False
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.loading.append(seq)
+        source = seq.request.kv_descriptor
+        self.kv.start_load(seq, source or b"", seq.prompt_len, len(hits))
         return True
+
+    def _collect_loads(self) -> Failed:
+        """Finished loads rejoin the front of `waiting` with the prompt computed."""
+        failed: Failed = []
+        ready: list[Sequence] = []
+        for req, error in self.kv.finished_loads():
+            seq = cast(Sequence, req)
+            self.loading.remove(seq)
+            if error is not None:
+                seq.status = SeqStatus.FINISHED
+                failed.append((seq, error))
+                continue
+            seq.num_computed = seq.prompt_len
+            seq.cached_tokens = seq.prompt_len
+            seq.admitted_once = True
+            # Registered now, so that the prompt survives if the sequence must wait.
+            self.kv.cache_blocks(seq, seq.prompt_len // self.block_size)
+            seq.status = SeqStatus.WAITING
+            ready.append(seq)
+        self.waiting.extendleft(reversed(ready))
+        return failed
 
     def _preempt(self, seq: Sequence) -> None:
-        self.free(seq)
+        self.kv.free(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)

@@ -14,6 +14,7 @@ from trident.core.types import GenerateRequest
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, an external KV load in flight
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -21,7 +22,8 @@ class SeqStatus(enum.Enum):
 @dataclass(slots=True, eq=False)
 class Sequence:
     """A request being served. `token_ids` is prompt + generated tokens; the KV of the first
-    `num_computed` of them is in `block_table`. The scheduler owns `block_table`."""
+    `num_computed` of them is in `block_table`. The scheduler's `KVCacheManager` owns
+    `block_table` (the runner only reads it)."""
 
     request: GenerateRequest
     sink: ChunkSink
@@ -37,7 +39,7 @@ class Sequence:
     num_outputs: int = 0
     num_emitted: int = 0  # outputs already handed to the sink
     admitted_once: bool = False
-    import_pending: bool = False  # the prompt's KV comes from a prefill worker
+    import_pending: bool = False  # the prompt's KV is to be loaded from a prefill worker
 
     @property
     def request_id(self) -> str:

@@ -2,13 +2,15 @@
 
 The `Orchestrator` calls this on the request's thread once the decode worker is chosen:
 
-1. `Disaggregator.route(request_id, decode, prompt_tokens, cached_tokens, sampling)` decides.
-   The prompt is prefilled remotely when its uncached part (`prompt_tokens - cached_tokens`,
-   where `cached_tokens` is what the KV router expects the chosen decode worker to hold; 0
-   without a KV router) reaches `disagg_threshold` (0 disables), a prefill worker is ready,
-   and one of them has fewer than `prefill_max_inflight` prefills in flight from this router
-   instance (Dynamo's "prefill queue not full" condition). Otherwise the decode worker
-   prefills locally, as in aggregated serving.
+1. `Disaggregator.route(request_id, decode, token_ids, cached_tokens, sampling)` decides.
+   The prompt is prefilled remotely when its uncached part (`len(token_ids) - cached_tokens`,
+   where `cached_tokens` is what the decode pool's selector expects the chosen decode worker
+   to hold) reaches `disagg_threshold` (0 disables) and the prefill pool's selector finds a
+   ready prefill worker with fewer than `prefill_max_inflight` prefills in flight from this
+   router instance (Dynamo's "prefill queue not full" condition). Inside Triton that selector
+   is KV-aware, with the same cost as the decode pool's (prefill workers publish KV events
+   too), so a prompt goes to the prefill worker that holds most of it at the least load.
+   Otherwise the decode worker prefills locally, as in aggregated serving.
 2. `Route.chunks(client, request)` streams the request's `TokenChunk`s:
    - local: the decode worker's chunks, unchanged;
    - remote: a `hold_kv` request with `max_tokens=1` to the prefill worker returns the first
@@ -17,16 +19,16 @@ The `Orchestrator` calls this on the request's thread once the decode worker is 
      (`kv_descriptor`, `first_token`; `max_tokens` counts the first token), pulls the KV and
      streams the rest. `cached_tokens` reported to the client is the prefill worker's;
    - `max_tokens == 1`: the prefill worker answers alone (no lease, no decode worker).
-3. Failures. A prefill worker that went away between discovery and the call (the call
-   fails and a re-scan no longer finds it ready) -> the decode worker prefills locally, as
-   when no prefill worker is ready at all. Any other prefill failure
-   raises `EngineError` naming the prefill worker; no lease exists then. A decode failure
-   after a successful prefill raises `EngineError` too: the decode worker releases the lease
-   after its pull, and a lease nobody pulls expires after the prefill worker's `lease_ttl_s`
-   (so a decode worker that dies mid-handoff strands no prefill blocks). So does the lease of
-   a request that ends with its first token (EOS, a stop string, a client cancel).
-4. `Route.close()` (the orchestrator's `finally`) gives the prefill slot back if the prefill
-   call never ran (an error or a cancellation first).
+3. Failures. A prefill worker that went away between selection and the call (the call
+   fails and the pool no longer finds it ready: `WorkerSelector.is_gone`) -> the decode
+   worker prefills locally, as when no prefill worker is ready at all. Any other prefill
+   failure raises `EngineError` naming the prefill worker; no lease exists then. A decode
+   failure after a successful prefill raises `EngineError` too: the decode worker releases
+   the lease after its pull, and a lease nobody pulls expires after the prefill worker's
+   `lease_ttl_s` (so a decode worker that dies mid-handoff strands no prefill blocks). So
+   does the lease of a request that ends with its first token (EOS, a stop string, a cancel).
+4. `Route.close()` (the orchestrator's `finally`; idempotent) returns the prefill slot: the
+   in-flight count and the prefill selector's pending load for the request.
 
 Threads: a `Disaggregator` is shared by all request threads (a lock guards the in-flight
 counts); a `Route` belongs to one request thread. Neither owns KV blocks: the prefill engine
@@ -37,11 +39,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
 
-from router_ensemble.routing.directory import WorkerDirectory
+from router_ensemble.orchestration.ports import ChunkStream, WorkerClient, WorkerSelector
 from trident.core.errors import ConfigError, EngineError, TridentError, WorkerUnavailable
 from trident.core.settings import load_settings
 from trident.core.types import FINISH_LENGTH, GenerateRequest, SamplingParams, TokenChunk
@@ -49,12 +50,6 @@ from trident.core.types import FINISH_LENGTH, GenerateRequest, SamplingParams, T
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "TRIDENT_ROUTER_"
-
-
-class ChunkClient(Protocol):
-    """The orchestrator's `WorkerClient`: `generate(worker, request)` -> chunks."""
-
-    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,24 +86,21 @@ class DisaggConfig:
 class Disaggregator:
     """Decides local vs remote prefill per request; counts this router's prefills in flight.
 
-    `client`, when given, makes the prefill calls instead of the orchestrator's client; inside
-    Triton it is BLS wrapped in a `WatchedWorkerClient` fed by `removals`, because Triton never
-    answers a call that reaches a model while it unloads: the watch notices the worker is no
-    longer ready and the request is prefilled locally instead of hanging.
+    `prefill` selects among the prefill pool's workers. `client`, when given, makes the
+    prefill calls instead of the orchestrator's client (inside Triton: BLS watched with the
+    prefill pool's notion of a worker that went away).
     """
 
-    def __init__(self, config: DisaggConfig, directory: WorkerDirectory, client: ChunkClient | None = None) -> None:
+    def __init__(self, config: DisaggConfig, prefill: WorkerSelector, client: WorkerClient | None = None) -> None:
         self.config = config.validate()
-        self.directory = directory
+        self.prefill = prefill
         self.client = client
-        self._removed: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
-        self._next = 0
         self._announced = False
         self._lock = threading.Lock()
 
     def route(
-        self, request_id: str, decode: str, prompt_tokens: int, cached_tokens: int, sampling: SamplingParams
+        self, request_id: str, decode: str, token_ids: Sequence[int], cached_tokens: int, sampling: SamplingParams
     ) -> Route:
         """The route of one request; remote prefill only when it pays off and a worker is free."""
         if not self._announced:
@@ -117,16 +109,18 @@ class Disaggregator:
             self._announced = True
             logger.info("disaggregation: %s", self.describe())
         threshold = self.config.disagg_threshold
-        uncached = max(0, prompt_tokens - cached_tokens)
+        uncached = max(0, len(token_ids) - cached_tokens)
         if threshold <= 0 or uncached < threshold:
             return Route(decode)
-        workers = self.directory.workers()
-        prefill = self._take_slot(workers)
-        if prefill is None:
-            why = "no prefill worker is ready" if not workers else "the prefill pool is saturated"
-            logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, why, decode)
+        with self._lock:
+            saturated = {w for w, n in self._inflight.items() if n >= self.config.prefill_max_inflight}
+        try:
+            selection = self.prefill.select(request_id, token_ids, exclude=saturated)
+        except WorkerUnavailable as exc:
+            logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, exc, decode)
             return Route(decode)
-        return Route(decode, prefill, self, prefill_only=sampling.max_tokens == 1)
+        slot = PrefillSlot(self, selection.worker, request_id)
+        return Route(decode, slot, prefill_only=sampling.max_tokens == 1)
 
     def describe(self) -> str:
         c = self.config
@@ -138,57 +132,41 @@ class Disaggregator:
         with self._lock:
             return {w: n for w, n in self._inflight.items() if n}
 
-    def _take_slot(self, workers: tuple[str, ...]) -> str | None:
-        limit = self.config.prefill_max_inflight
+    def _count(self, worker: str, delta: int) -> None:
         with self._lock:
-            free = [w for w in workers if self._inflight.get(w, 0) < limit]
-            if not free:
-                return None
-            # Fewest in flight first; rotate among equals so idle workers share the load.
-            start = self._next % len(free)
-            self._next += 1
-            rotated = free[start:] + free[:start]
-            worker = min(rotated, key=lambda w: self._inflight.get(w, 0))
-            self._inflight[worker] = self._inflight.get(worker, 0) + 1
-            return worker
+            self._inflight[worker] = max(0, self._inflight.get(worker, 0) + delta)
 
-    def _give_back(self, worker: str) -> None:
-        with self._lock:
-            self._inflight[worker] = max(0, self._inflight.get(worker, 0) - 1)
 
-    def removals(self, worker: str) -> int:
-        """A counter that changes once `worker` is found not ready (`WatchedWorkerClient`)."""
-        probe = self.directory.probe
-        if probe is None:
-            return 0  # a fixed list: never removed
-        try:
-            ready = bool(probe(worker))
-        except Exception:  # an unknown model may raise instead of answering False
-            ready = False
-        with self._lock:
-            if not ready:
-                self._removed[worker] = self._removed.get(worker, 0) + 1
-            return self._removed.get(worker, 0)
+class PrefillSlot:
+    """One request's claim on a prefill worker: an in-flight count and the prefill selector's
+    pending load. Taken by `Disaggregator.route`, given back once by `release` (idempotent)."""
 
-    def is_gone(self, worker: str) -> bool:
-        """After a failed call: re-scan the pool; True when `worker` is no longer ready."""
-        self.directory.invalidate()
-        return worker not in self.directory.workers()
+    __slots__ = ("owner", "worker", "request_id", "_held")
+
+    def __init__(self, owner: Disaggregator, worker: str, request_id: str) -> None:
+        self.owner = owner
+        self.worker = worker
+        self.request_id = request_id
+        self._held = True
+        owner._count(worker, +1)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.owner._count(self.worker, -1)
+            self.owner.prefill.release(self.request_id)
 
 
 class Route:
     """Where one request's prompt is prefilled and where it is decoded; see the module docs."""
 
-    __slots__ = ("decode", "prefill", "prefill_only", "_owner", "_slot_held")
+    __slots__ = ("decode", "slot", "prefill", "prefill_only")
 
-    def __init__(
-        self, decode: str, prefill: str | None = None, owner: Disaggregator | None = None, prefill_only: bool = False
-    ) -> None:
+    def __init__(self, decode: str, slot: PrefillSlot | None = None, prefill_only: bool = False) -> None:
         self.decode = decode
-        self.prefill = prefill
+        self.slot = slot
+        self.prefill = slot.worker if slot is not None else None
         self.prefill_only = prefill_only
-        self._owner = owner
-        self._slot_held = prefill is not None and owner is not None
 
     @property
     def label(self) -> str:
@@ -197,24 +175,30 @@ class Route:
             return self.decode
         return self.prefill if self.prefill_only else f"{self.prefill}>{self.decode}"
 
-    def chunks(self, client: ChunkClient, request: GenerateRequest) -> Iterator[TokenChunk]:
-        if self.prefill is None:
+    def chunks(self, client: WorkerClient, request: GenerateRequest) -> ChunkStream:
+        if self.slot is None or self.prefill is None:
             return client.generate(self.decode, request)
-        prefill_client = self._owner.client if self._owner is not None and self._owner.client else client
+        prefill_client = self.slot.owner.client or client
         if self.prefill_only:
             return self._prefill_only(prefill_client, client, self.prefill, request)
         return self._disaggregated(prefill_client, client, self.prefill, request)
 
     def close(self) -> None:
-        """Give the prefill slot back if the prefill call never ran. Idempotent."""
-        if self._slot_held and self._owner is not None and self.prefill is not None:
-            self._slot_held = False
-            self._owner._give_back(self.prefill)
+        """Give the prefill slot back. Idempotent."""
+        if self.slot is not None:
+            self.slot.release()
+
+    def record_served(self, decode_pool: WorkerSelector, prompt_tokens: int, cached_tokens: int) -> None:
+        """Report the served cache hit to the pool whose worker prefilled the prompt."""
+        if self.slot is not None and self.prefill is not None:
+            self.slot.owner.prefill.record_served(self.prefill, prompt_tokens, cached_tokens)
+        else:
+            decode_pool.record_served(self.decode, prompt_tokens, cached_tokens)
 
     # -- the flows ----------------------------------------------------------------------
     def _prefill_only(
-        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
-    ) -> Iterator[TokenChunk]:
+        self, prefill_client: WorkerClient, client: WorkerClient, prefill: str, request: GenerateRequest
+    ) -> ChunkStream:
         started = False
         try:
             for chunk in prefill_client.generate(prefill, request):
@@ -229,8 +213,8 @@ class Route:
             self.close()
 
     def _disaggregated(
-        self, prefill_client: ChunkClient, client: ChunkClient, prefill: str, request: GenerateRequest
-    ) -> Iterator[TokenChunk]:
+        self, prefill_client: WorkerClient, client: WorkerClient, prefill: str, request: GenerateRequest
+    ) -> ChunkStream:
         try:
             final, tokens = self._run_prefill(prefill_client, prefill, request)
         except TridentError as exc:
@@ -262,17 +246,17 @@ class Route:
         """Whether a failed prefill call means the worker went away (then: prefill locally).
 
         Triton answers a call to an unloaded model with an ordinary error response, so the
-        pool is re-scanned after any failure; a worker that is still ready failed for real.
+        pool is re-checked after any failure; a worker that is still ready failed for real.
         """
         self.close()
-        rescanned_gone = self._owner is not None and self._owner.is_gone(prefill)  # also refreshes the pool
-        gone = rescanned_gone or isinstance(exc, WorkerUnavailable)
+        assert self.slot is not None
+        gone = self.slot.owner.prefill.is_gone(prefill) or isinstance(exc, WorkerUnavailable)
         if gone:
             logger.warning("prefill worker %s is gone (%s); prefilling on %s", prefill, exc, self.decode)
         return gone
 
     def _run_prefill(
-        self, client: ChunkClient, prefill: str, request: GenerateRequest
+        self, client: WorkerClient, prefill: str, request: GenerateRequest
     ) -> tuple[TokenChunk, tuple[int, ...]]:
         """The prefill worker's final chunk and the token(s) it sampled."""
         sp = request.sampling
@@ -300,30 +284,3 @@ class Route:
                     f"prefill worker {prefill} returned no KV descriptor; start it with shareable_kv=true"
                 )
         return final, tuple(tokens)
-
-
-def select_worker(selector: Any, request_id: str, token_ids: tuple[int, ...]) -> tuple[str, int]:
-    """(decode worker, prompt tokens it is expected to hold cached) from a `WorkerSelector`.
-
-    A selector with `select_cached` (the KV router) reports its expected overlap; others
-    report 0, so every prompt token counts as uncached.
-    """
-    select_cached = getattr(selector, "select_cached", None)
-    if select_cached is not None:
-        worker, cached = select_cached(request_id, token_ids)
-        return worker, int(cached)
-    return selector.select(request_id, token_ids), 0
-
-
-def build_disaggregator(params: Mapping[str, str], probe: Callable[[str], bool], client: ChunkClient) -> Disaggregator:
-    """The router model's `Disaggregator`: config from `params` + environment, prefill workers
-    discovered with `probe` (`is_model_ready` inside Triton) unless `prefill_models` fixes them,
-    prefill calls through `client` (BLS) watched for workers that go away."""
-    from router_ensemble.triton.watched_client import WatchedWorkerClient
-
-    config = DisaggConfig.from_mapping(params)
-    fixed = config.fixed_models
-    directory = WorkerDirectory(config.prefill_pool, probe=None if fixed else probe, fixed=fixed)
-    disagg = Disaggregator(config, directory)
-    disagg.client = WatchedWorkerClient(client, disagg.removals)  # type: ignore[arg-type]
-    return disagg

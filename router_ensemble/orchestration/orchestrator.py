@@ -24,11 +24,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable
 
-from router_ensemble.orchestration.disagg import Disaggregator, Route, select_worker
-from router_ensemble.routing.directory import WorkerSelector
+from router_ensemble.orchestration.disagg import Disaggregator, Route
+from router_ensemble.orchestration.ports import WorkerClient, WorkerSelector
 from router_ensemble.text.stop_strings import StopStringMatcher
 from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
 from trident.core.errors import EngineError, ValidationError
@@ -38,17 +37,6 @@ from trident.core.types import FINISH_ABORT, FINISH_STOP, GenerateRequest, Token
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[RouterDelta], None]
-
-
-class WorkerClient(Protocol):
-    """How the orchestrator reaches a worker model.
-
-    `generate` yields the worker's chunks until the finished one; a worker error raises a
-    `TridentError` whose message is the worker's. Closing the iterator before the finished
-    chunk must abort the request on the worker and wait for it to end.
-    """
-
-    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]: ...
 
 
 class _Stream:
@@ -145,10 +133,10 @@ class Orchestrator:
         ids = self.prompt_ids(request)
         t1 = self.clock()
         request_id = uuid.uuid4().hex
-        worker, cached = select_worker(self.selector, request_id, ids)
+        selection = self.selector.select(request_id, ids)
         try:
-            route = Route(worker) if self.disagg is None else self.disagg.route(
-                request_id, worker, len(ids), cached, request.sampling
+            route = Route(selection.worker) if self.disagg is None else self.disagg.route(
+                request_id, selection.worker, ids, selection.cached_tokens, request.sampling
             )
         except BaseException:
             self.selector.release(request_id)
@@ -168,9 +156,7 @@ class Orchestrator:
         if state.stopped:
             reason = FINISH_STOP
         final = state.take(reason)
-        served = getattr(self.selector, "record_served", None)  # the KV router's served hit rate
-        if served is not None:
-            served(worker, final.num_input_tokens, final.cached_tokens)
+        route.record_served(self.selector, final.num_input_tokens, final.cached_tokens)
         emit(final)
         return final
 
@@ -202,7 +188,5 @@ class Orchestrator:
                         logger.info("request_id=%s cancelled by the client", request.request_id)
                         return FINISH_ABORT
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()  # aborts on the worker if the stream did not finish
+            chunks.close()  # aborts on the worker if the stream did not finish
         raise EngineError(f"worker {route.label} ended request {request.request_id} without a final response")

@@ -6,10 +6,9 @@ re-checking at most every `refresh_s`, so replicas that the launcher or the plan
 unloads at run time are picked up without restarting the router. A fixed list can be given
 instead.
 
-`WorkerSelector` is the spot where routing policies plug in: the orchestrator calls
-`select` once per request (any request thread) and `release` when the request ends.
-`RoundRobinSelector` is the default; the KV-aware `router_ensemble.routing.router.KvRouter` is
-adapted to the same two calls.
+Selectors implement the orchestration's `WorkerSelector` port over a directory:
+`RoundRobinSelector` here (prompts and load ignored), `router.KvSelector` (KV-aware, the
+router model's choice for both pools).
 """
 
 from __future__ import annotations
@@ -18,19 +17,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Sequence
 
+from router_ensemble.orchestration.ports import Selection
 from trident.core.errors import WorkerUnavailable
 from trident.core.names import replica_name
 
 logger = logging.getLogger(__name__)
-
-
-class WorkerSelector(Protocol):
-    def select(self, request_id: str, token_ids: Sequence[int]) -> str: ...
-
-    def release(self, request_id: str) -> None: ...
 
 
 class WorkerDirectory:
@@ -70,6 +63,11 @@ class WorkerDirectory:
                 self._workers, self._checked = found, now
             return self._workers
 
+    def is_gone(self, worker: str) -> bool:
+        """After a failed call: re-scan now; True when `worker` is no longer ready."""
+        self.invalidate()
+        return worker not in self.workers()
+
     def invalidate(self) -> None:
         """Force a re-scan on the next call (e.g. after a worker failed)."""
         with self._lock:
@@ -99,22 +97,29 @@ class WorkerDirectory:
 
 
 class RoundRobinSelector:
-    """Cycles through the directory's workers, ignoring prompts and load."""
+    """A `WorkerSelector` (orchestration.ports) cycling through the directory's workers,
+    ignoring prompts and load: the baseline, and the selector of in-process tests."""
 
     def __init__(self, directory: WorkerDirectory) -> None:
         self.directory = directory
         self._next = 0
         self._lock = threading.Lock()
 
-    def select(self, request_id: str, token_ids: Sequence[int]) -> str:
-        workers = self.directory.workers()
+    def select(self, request_id: str, token_ids: Sequence[int], exclude: Collection[str] = ()) -> Selection:
+        workers = [w for w in self.directory.workers() if w not in exclude]
         if not workers:
             self.directory.invalidate()
-            raise WorkerUnavailable(f"no {self.directory.pool} worker is ready")
+            raise WorkerUnavailable(f"no {self.directory.pool} worker is ready" + (" and free" if exclude else ""))
         with self._lock:
             worker = workers[self._next % len(workers)]
             self._next += 1
-        return worker
+        return Selection(worker)
 
     def release(self, request_id: str) -> None:
         return None
+
+    def record_served(self, worker: str, prompt_tokens: int, cached_tokens: int) -> None:
+        return None
+
+    def is_gone(self, worker: str) -> bool:
+        return self.directory.is_gone(worker)

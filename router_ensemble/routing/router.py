@@ -20,13 +20,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kv_manager.events import KVEvent
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
+from router_ensemble.orchestration.ports import Selection
 from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.index import KvIndex
 from router_ensemble.routing.load import LoadTable
 from router_ensemble.routing.metrics import RouterMetrics
@@ -235,41 +237,56 @@ class KvRouter:
 
 
 class KvSelector:
-    """`KvRouter` behind the orchestrator's `WorkerSelector` calls (`select`, `release`,
-    `record_served`).
+    """`KvRouter` behind the orchestration's `WorkerSelector` port, for one pool.
 
-    `workers` gives the pool's ready replicas (e.g. `WorkerDirectory.workers`); None means
-    the workers added to the router. `on_decision` (optional) sees every `Decision`, e.g. to
-    export metrics. Called on request threads.
+    Candidates are the directory's ready workers (re-probed at once when it knows none,
+    e.g. right after start) minus `exclude` and minus those the router removed (they left
+    or went silent). `on_workers` sees the ready list before each decision (the router
+    model keeps its event subscriptions in line with it); `on_decision` sees every
+    `Decision` (metrics). Called on request threads.
     """
 
     def __init__(
         self,
         router: KvRouter,
-        workers: Callable[[], Sequence[str]] | None = None,
+        directory: WorkerDirectory,
+        *,
+        on_workers: Callable[[tuple[str, ...]], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         self.router = router
-        self.workers = workers
+        self.directory = directory
+        self.on_workers = on_workers
         self.on_decision = on_decision
 
-    def select(self, request_id: str, token_ids: Sequence[int]) -> str:
-        return self.select_cached(request_id, token_ids)[0]
+    def ready(self) -> tuple[str, ...]:
+        ready = self.directory.workers()
+        if not ready:
+            self.directory.invalidate()
+            ready = self.directory.workers()
+        if self.on_workers is not None:
+            self.on_workers(ready)
+        return ready
 
-    def select_cached(self, request_id: str, token_ids: Sequence[int]) -> tuple[str, int]:
+    def select(self, request_id: str, token_ids: Sequence[int], exclude: Collection[str] = ()) -> Selection:
         """The chosen worker and the prompt tokens the router expects it to hold cached
-        (`router_ensemble.orchestration.disagg` counts the rest as prefill work)."""
-        candidates = None if self.workers is None else self.workers()
-        if candidates is not None and not candidates:
-            raise WorkerUnavailable("no worker is ready")
+        (`orchestration.disagg` counts the rest as prefill work)."""
+        ready = self.ready()
+        candidates = [w for w in ready if w not in exclude]
+        if not candidates:
+            why = "free" if ready else "ready"
+            raise WorkerUnavailable(f"no {self.directory.pool} worker is {why}")
         decision = self.router.decide(token_ids, candidates, request_id=request_id)
         if self.on_decision is not None:
             self.on_decision(decision)
-        return decision.worker_id, decision.cached_tokens
+        return Selection(decision.worker_id, decision.cached_tokens)
 
     def release(self, request_id: str) -> None:
         self.router.release(request_id)
 
-    def record_served(self, worker_id: str, prompt_tokens: int, cached_tokens: int) -> None:
+    def record_served(self, worker: str, prompt_tokens: int, cached_tokens: int) -> None:
         """The engine's own count of prompt tokens served from its cache, for the hit rate."""
-        self.router.record_served(worker_id, prompt_tokens, cached_tokens)
+        self.router.record_served(worker, prompt_tokens, cached_tokens)
+
+    def is_gone(self, worker: str) -> bool:
+        return self.directory.is_gone(worker)

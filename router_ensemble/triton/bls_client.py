@@ -1,6 +1,7 @@
 """`WorkerClient` over Triton BLS: the router model calling worker models in-process.
 
-Used only inside the router model's stub (it needs `triton_python_backend_utils`). Each
+Used inside the router model's stub, with the stub's `triton_python_backend_utils` passed in
+as `pb` (unit tests pass a fake). Each
 `generate` is one decoupled BLS request (`exec(decoupled=True)`) whose responses arrive in
 order on the calling request thread. Closing the stream early sends the worker an abort
 (a second BLS request with `abort_request_id`) and drains the rest of the stream, so the
@@ -13,12 +14,11 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
+from router_ensemble.orchestration.ports import ChunkStream
 from trident.core.errors import EngineError, WorkerUnavailable
-from trident.core.triton_io import pb_utils
-from trident.core.types import GenerateRequest, TokenChunk
+from trident.core.types import GenerateRequest
 from trident.core.worker_io import (
     WORKER_OUTPUTS,
     decode_chunk_outputs,
@@ -27,11 +27,6 @@ from trident.core.worker_io import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def is_model_ready(name: str) -> bool:
-    """Probe for `WorkerDirectory`: whether the server has `name` loaded and ready."""
-    return bool(pb_utils().is_model_ready(model_name=name))
 
 
 # A finished BLS response iterator keeps every response it received, and the numpy arrays of
@@ -68,8 +63,15 @@ def release_retired() -> None:
 class BlsWorkerClient:
     """Streams from worker models through BLS. Stateless; any request thread may call it."""
 
-    def generate(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]:
-        responses = self._exec(worker, encode_generate_inputs(request), WORKER_OUTPUTS)
+    def __init__(self, pb: Any) -> None:
+        self.pb = pb
+
+    def is_model_ready(self, name: str) -> bool:
+        """Probe for `WorkerDirectory`: whether the server has `name` loaded and ready."""
+        return bool(self.pb.is_model_ready(model_name=name))
+
+    def generate(self, worker: str, request: GenerateRequest) -> ChunkStream:
+        responses = self._exec(worker, encode_generate_inputs(request), WORKER_OUTPUTS.names)
         finished = False
         try:
             for response in responses:
@@ -102,9 +104,8 @@ class BlsWorkerClient:
         except Exception as exc:  # the worker may be unloading; its own cleanup frees blocks
             logger.warning("worker=%s abort of %s failed: %s", worker, request_id, exc)
 
-    @staticmethod
-    def _exec(worker: str, arrays: dict[str, Any], outputs: tuple[str, ...]) -> Any:
-        pb = pb_utils()
+    def _exec(self, worker: str, arrays: dict[str, Any], outputs: tuple[str, ...]) -> Any:
+        pb = self.pb
         bls = pb.InferenceRequest(
             model_name=worker,
             inputs=[pb.Tensor(name, value) for name, value in arrays.items()],

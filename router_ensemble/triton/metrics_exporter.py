@@ -1,6 +1,7 @@
 """Routing metrics on Triton's `/metrics`, through `pb_utils.MetricFamily`.
 
-Families (every metric labelled `router` = the router model's name):
+Families (every metric labelled `router` = the router model's name, and `pool` = the worker
+pool it routes, `decode` or `prefill`):
 
 - `trident_router_decisions_total{worker, policy}`: requests routed to each worker;
 - `trident_router_decision_seconds{phase}`: histogram of the time one decision took, per
@@ -14,7 +15,7 @@ Families (every metric labelled `router` = the router model's name):
 - `trident_router_live_workers`: workers the router currently routes to.
 
 Request threads append decisions to a deque (`observe`); `flush()` runs on a request thread
-once its final response is out (`KvRouting.after_request`, one flush at a time) and turns
+once its final response is out (`RouterModel`, one flush at a time) and turns
 counters of `RouterMetrics` into increments. Each metric update is an IPC call to the server,
 so none is made while a decision is being taken.
 """
@@ -23,10 +24,10 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from router_ensemble.routing.router import Decision, KvRouter
-from trident.core.triton_io import pb_utils
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,13 @@ _COUNTERS = {  # family -> (RouterMetrics snapshot key, description)
 
 
 class RoutingMetricsExporter:
-    """Metric families of one router model instance. Created in `initialize` (inside a stub)."""
+    """Metric families of one router model instance, for each pool it routes. Created in
+    `initialize` (inside a stub, `pb` = its `triton_python_backend_utils`)."""
 
-    def __init__(self, router_name: str, router: KvRouter) -> None:
-        pb = pb_utils()
-        self.router = router
-        self.policy = router.config.policy
+    def __init__(self, pb: Any, router_name: str, pools: Mapping[str, KvRouter]) -> None:
+        self.pools = dict(pools)
         self._labels = {"router": router_name}
-        self._pending: collections.deque[Decision] = collections.deque()
+        self._pending: collections.deque[tuple[str, Decision]] = collections.deque()
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last exported values
@@ -62,28 +62,33 @@ class RoutingMetricsExporter:
         for name, (kind, description) in kinds.items():
             self._families[name] = pb.MetricFamily(name=name, description=description, kind=getattr(pb.MetricFamily, kind))
 
-    def observe(self, decision: Decision) -> None:
-        """Request thread: remember one decision (append only)."""
-        self._pending.append(decision)
+    def observer(self, pool: str) -> Callable[[Decision], None]:
+        """The `on_decision` hook of one pool's selector: remember each decision (append only)."""
+        return lambda decision: self._pending.append((pool, decision))
 
     def flush(self) -> None:
         """Request thread (one at a time): push what happened since the last flush."""
         try:
             while self._pending:
-                d = self._pending.popleft()
+                pool, d = self._pending.popleft()
                 values = (d.hashing_us, d.lookup_us, d.schedule_us, d.total_us)
                 for phase, us in zip(PHASES, values, strict=True):
-                    self._metric("trident_router_decision_seconds", phase=phase).observe(us / 1e6)
-            snap = self.router.metrics.snapshot()
-            for worker, count in snap["decisions"].items():
-                self._increment("trident_router_decisions_total", float(count), worker=worker, policy=self.policy)
-            for name, (key, _) in _COUNTERS.items():
-                self._increment(name, float(snap[key]))
-            self._set("trident_router_cache_hit_rate", snap["predicted_hit_rate"], kind="predicted")
-            self._set("trident_router_cache_hit_rate", snap["served_hit_rate"], kind="served")
-            self._set("trident_router_live_workers", float(len(self.router.workers())))
+                    self._metric("trident_router_decision_seconds", pool=pool, phase=phase).observe(us / 1e6)
+            for pool, router in self.pools.items():
+                self._flush_pool(pool, router)
         except Exception as exc:  # metrics must never take routing down
             logger.warning("routing metrics flush failed: %s", exc)
+
+    def _flush_pool(self, pool: str, router: KvRouter) -> None:
+        snap = router.metrics.snapshot()
+        policy = router.config.policy
+        for worker, count in snap["decisions"].items():
+            self._increment("trident_router_decisions_total", float(count), pool=pool, worker=worker, policy=policy)
+        for name, (key, _) in _COUNTERS.items():
+            self._increment(name, float(snap[key]), pool=pool)
+        self._set("trident_router_cache_hit_rate", snap["predicted_hit_rate"], pool=pool, kind="predicted")
+        self._set("trident_router_cache_hit_rate", snap["served_hit_rate"], pool=pool, kind="served")
+        self._set("trident_router_live_workers", float(len(router.workers())), pool=pool)
 
     def _increment(self, name: str, total: float, **labels: str) -> None:
         key = _key(name, labels)

@@ -1,26 +1,35 @@
 """The `router` model's body: Triton requests in, `Orchestrator` runs, Triton responses out.
 
-`model_repository/router/1/model.py` creates one `RouterModel` per instance. `execute` runs
-on Triton's model thread and only hands each request to a thread pool, so one router
-instance serves many requests at once (the orchestration blocks on BLS streams); each pool
-thread owns its request until the COMPLETE_FINAL response.
+`model_repository/router/1/model.py` creates one `RouterModel` per instance, passing in the
+stub's `triton_python_backend_utils` as `pb`. `execute` runs on Triton's model thread and
+only hands each request to a thread pool, so one router instance serves many requests at
+once (the orchestration blocks on BLS streams); each pool thread owns its request until the
+COMPLETE_FINAL response, then flushes the routing metrics.
+
+Every Triton workaround of the router lives in this subpackage: no `pb` call from a thread
+of our own (`kv_routing`), BLS iterators released on request threads (`bls_client`), streams
+from a dead stub ended by a watch (`watched_client`), first-request logging (`disagg`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from router_ensemble.orchestration.disagg import build_disaggregator
+from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator
 from router_ensemble.orchestration.orchestrator import Orchestrator
+from router_ensemble.routing.config import RouterConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.text.tokenizer import load_tokenizer
-from router_ensemble.triton.bls_client import BlsWorkerClient, is_model_ready, release_retired
-from router_ensemble.triton.kv_routing import KvRouting
+from router_ensemble.triton.bls_client import BlsWorkerClient, release_retired
+from router_ensemble.triton.kv_routing import PoolRouting
+from router_ensemble.triton.metrics_exporter import RoutingMetricsExporter
+from trident.core.endpoints import events_dir
 from trident.core.errors import ConfigError, TridentError
 from trident.core.router_io import (
     ROUTER_INPUTS,
@@ -30,20 +39,14 @@ from trident.core.router_io import (
     parse_router_inputs,
 )
 from trident.core.settings import load_settings
-from trident.core.triton_io import (
-    close_quietly,
-    pb_utils,
-    read_inputs,
-    send_final_error,
-    tensors,
-)
+from trident.core.triton_io import close_quietly, read_inputs, response, send_final_error
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class RouterModelConfig:
-    """The router model's own parameters (routing policy settings: `routing_config.py`).
+    """The router model's own parameters.
 
     `model` also reads `TRIDENT_MODEL` (the engines' key); the others `TRIDENT_ROUTER_<KEY>`.
     """
@@ -59,32 +62,69 @@ class RouterModelConfig:
             raise ConfigError("max_concurrency and cancel_poll_ms must be positive")
         return self
 
-    @classmethod
-    def from_mapping(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterModelConfig:
-        return load_settings(cls, params, env, env_key=_env_key)
+    @property
+    def fixed_models(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.decode_models.split(",") if m.strip())
 
 
 def _env_key(key: str) -> str:
     return "TRIDENT_MODEL" if key == "model" else "TRIDENT_ROUTER_" + key.upper()
 
 
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """Everything the router model reads from its parameters and the environment, parsed once:
+    its own keys, the routing policy (`RouterConfig`, both pools) and disaggregation."""
+
+    model: RouterModelConfig
+    routing: RouterConfig
+    disagg: DisaggConfig
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterSettings:
+        return cls(
+            load_settings(RouterModelConfig, params, env, env_key=_env_key),
+            RouterConfig.from_mapping(params, env),
+            DisaggConfig.from_mapping(params, env),
+        )
+
+
 class RouterModel:
     """One router model instance. Created in `initialize`; `execute` from Triton's thread."""
 
-    def __init__(self, name: str, params: Mapping[str, str]) -> None:
+    def __init__(self, pb: Any, name: str, params: Mapping[str, str]) -> None:
+        self.pb = pb
         self.name = name
-        self.config = RouterModelConfig.from_mapping(params)
-        fixed = tuple(m.strip() for m in self.config.decode_models.split(",") if m.strip())
-        directory = WorkerDirectory(self.config.decode_pool, probe=is_model_ready, fixed=fixed)
-        self.routing = KvRouting.from_params(directory, params, metrics_name=name).start()
-        self.orchestrator = Orchestrator(
-            load_tokenizer(self.config.model),
-            self.routing.selector,
-            self.routing.watch(BlsWorkerClient()),
-            cancel_poll_s=self.config.cancel_poll_ms / 1000.0,
-            disagg=build_disaggregator(params, is_model_ready, BlsWorkerClient()),
+        self.settings = settings = RouterSettings.from_params(params)
+        bls = BlsWorkerClient(pb)
+        socket_dir = events_dir(params)
+        decode_dir = WorkerDirectory(
+            settings.model.decode_pool, probe=bls.is_model_ready, fixed=settings.model.fixed_models
         )
-        self.pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix=f"{name}-req")
+        fixed_prefill = settings.disagg.fixed_models
+        prefill_dir = WorkerDirectory(
+            settings.disagg.prefill_pool, probe=None if fixed_prefill else bls.is_model_ready, fixed=fixed_prefill
+        )
+        self.pools = {
+            "decode": PoolRouting(decode_dir, settings.routing, socket_dir),
+            "prefill": PoolRouting(prefill_dir, settings.routing, socket_dir),
+        }
+        self.exporter = RoutingMetricsExporter(pb, name, {p: r.router for p, r in self.pools.items()})
+        for pool, routing in self.pools.items():
+            routing.selector.on_decision = self.exporter.observer(pool)
+            routing.start()
+        decode, prefill = self.pools["decode"], self.pools["prefill"]
+        self.orchestrator = Orchestrator(
+            load_tokenizer(settings.model.model),
+            decode.selector,
+            decode.watch(bls),
+            cancel_poll_s=settings.model.cancel_poll_ms / 1000.0,
+            disagg=Disaggregator(settings.disagg, prefill.selector, prefill.watch(bls)),
+        )
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.model.max_concurrency, thread_name_prefix=f"{name}-req"
+        )
+        self._flush_lock = threading.Lock()
         logger.info("router %s ready (tokenizer %s)", name, self.orchestrator.tokenizer.model_id)
 
     def execute(self, requests: list[Any]) -> None:
@@ -92,15 +132,15 @@ class RouterModel:
             self.pool.submit(self._serve, request, request.get_response_sender())
 
     def _serve(self, request: Any, sender: Any) -> None:
-        pb = pb_utils()
+        pb = self.pb
 
         def emit(delta: RouterDelta) -> None:
-            response = pb.InferenceResponse(output_tensors=tensors(encode_router_outputs(delta)))
-            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if delta.final else 0)
+            flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if delta.final else 0
+            sender.send(response(pb, encode_router_outputs(delta)), flags=flags)
 
         try:
             check_parameters(json.loads(request.parameters() or "{}"))
-            parsed = parse_router_inputs(read_inputs(request, ROUTER_INPUTS))
+            parsed = parse_router_inputs(read_inputs(pb, request, ROUTER_INPUTS.names))
             self.orchestrator.run(parsed, emit, request.is_cancelled)
         except TridentError as exc:
             logger.info("request failed: %s", exc)
@@ -108,23 +148,34 @@ class RouterModel:
         except Exception as exc:
             if _cancelled(request):
                 logger.info("request ended after the client cancelled it: %s", exc)
-                close_quietly(sender)
+                close_quietly(pb, sender)
             else:
                 logger.exception("router %s: unexpected error", self.name)
                 self._send_error(sender, f"internal error in router {self.name}: {exc}")
-        self.routing.after_request()  # the final response is out: routing metrics to the server
+        self._after_request()
 
-    @staticmethod
-    def _send_error(sender: Any, exc: BaseException | str) -> None:
+    def _after_request(self) -> None:
+        """Request thread, after its final response: push routing metrics to the server. If
+        another thread is flushing, skip: its flush or the next one carries this request."""
+        if not self._flush_lock.acquire(blocking=False):
+            return
         try:
-            send_final_error(sender, exc)
+            self.exporter.flush()
+        finally:
+            self._flush_lock.release()
+
+    def _send_error(self, sender: Any, exc: BaseException | str) -> None:
+        try:
+            send_final_error(self.pb, sender, exc)
         except Exception as send_exc:  # the client is gone
             logger.info("could not deliver error %r: %s", str(exc), send_exc)
 
     def finalize(self) -> None:
         logger.debug("router %s: finalize", self.name)
         self.pool.shutdown(wait=True, cancel_futures=False)
-        self.routing.close()
+        for routing in self.pools.values():
+            routing.close()
+        self.exporter.close()
         release_retired()
         logger.debug("router %s: finalized", self.name)
 

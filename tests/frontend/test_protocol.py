@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from frontend.errors import APIError
+from frontend.errors import APIError, from_triton_message
 from frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -17,6 +17,9 @@ from frontend.protocol import (
     validate_chat,
     validate_completion,
 )
+from trident.core.errors import ValidationError
+from trident.core.router_io import encode_router_inputs, parse_router_inputs
+from trident.core.types import SamplingParams
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -155,9 +158,13 @@ def test_completion_prompts_expand_to_one_router_request_per_choice() -> None:
     prompts = validate_completion(req, 4)
     routed = to_router_requests(req, prompts, None, "cmpl-1", default_max_tokens=None)
     assert [r.text_input for r in routed] == ["a", "a", "b", "b"]
-    assert [r.seed for r in routed] == [7, 8, 7, 8]
+    assert [r.sampling.seed for r in routed] == [7, 8, 7, 8]
     assert [r.request_id for r in routed] == ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2", "cmpl-1-3"]
-    assert all(r.stop == ("x",) and r.top_k == 0 and r.max_tokens is None for r in routed)
+    default_budget = SamplingParams().max_tokens  # not sent by the client: the router's default
+    assert all(
+        r.stop == ("x",) and r.sampling.top_k == 0 and r.sampling.max_tokens == default_budget
+        for r in routed
+    )
 
 
 def test_token_prompts_go_as_input_ids() -> None:
@@ -181,5 +188,33 @@ def test_max_completion_tokens_wins_and_names_the_param() -> None:
     assert max_tokens_of(plain, 64) == (64, "max_tokens")
     routed = to_router_requests(plain, None, validate_chat(plain, 1), "r", 64)
     assert (
-        routed[0].max_tokens == 64 and json.loads(routed[0].messages_json or "") == CHAT["messages"]
+        routed[0].sampling.max_tokens == 64 and list(routed[0].messages or ()) == CHAT["messages"]
     )
+
+
+def test_router_requests_reach_the_router_unchanged() -> None:
+    """What the frontend sends is what the router model parses (no Triton in between)."""
+    req = parse_body(
+        _chat(temperature=0.5, top_k=-1, seed=3, stop=["\n"], min_tokens=2, stream=True),
+        ChatCompletionRequest,
+    )
+    (routed,) = to_router_requests(req, None, validate_chat(req, 1), "chatcmpl-1", None)
+    assert parse_router_inputs(encode_router_inputs(routed)) == routed
+    assert routed.sampling == SamplingParams(temperature=0.5, top_k=0, seed=3, min_tokens=2)
+    assert routed.stream and routed.stop == ("\n",) and routed.request_id == "chatcmpl-1"
+
+
+def test_router_errors_name_the_openai_field() -> None:
+    """A value only the router rejects still comes back as a 400 naming the client's field."""
+    req = parse_body(_chat(max_completion_tokens=4, min_tokens=9), ChatCompletionRequest)
+    (routed,) = to_router_requests(req, None, validate_chat(req, 1), "r", None)
+    with pytest.raises(ValidationError) as err:
+        parse_router_inputs(encode_router_inputs(routed))
+    mapped = from_triton_message(f"Python backend error: {err.value}", router_param_map(req, True))
+    assert (mapped.status, mapped.param) == (400, "min_tokens")
+    req = parse_body(_chat(max_completion_tokens=5000), ChatCompletionRequest)
+    too_long = from_triton_message(
+        "max_tokens: prompt (10 tokens) + max_tokens (5000) exceeds the model's context length",
+        router_param_map(req, True),
+    )
+    assert (too_long.param, too_long.code) == ("max_completion_tokens", "context_length_exceeded")

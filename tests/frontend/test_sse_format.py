@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
+from frontend.errors import APIError
 from frontend.metrics import FrontendMetrics
-from frontend.protocol import RouterRequest
 from frontend.serving import SSE_DONE, Generation, ResponseShape, sse
-from frontend.triton_client import RouterDelta, model_id_from_parameters, model_id_from_path
+from frontend.triton_client import (
+    _infer_inputs,
+    _parse,
+    model_id_from_parameters,
+    model_id_from_path,
+)
+from trident.core.router_io import RouterDelta, RouterRequest, encode_router_outputs
+from trident.core.types import SamplingParams
 
 
 def _delta(text: str, out: int, finish: str = "", ids: tuple[int, ...] = (1,)) -> RouterDelta:
@@ -30,7 +40,10 @@ def test_sse_framing() -> None:
 
 def test_chat_chunks_and_usage() -> None:
     metrics = FrontendMetrics()
-    requests = [RouterRequest(request_id=f"r-{i}", text_input="x", stream=True) for i in range(2)]
+    requests = [
+        RouterRequest(SamplingParams(), request_id=f"r-{i}", text_input="x", stream=True)
+        for i in range(2)
+    ]
     gen = Generation(None, requests, {}, metrics, "m", n=2)  # type: ignore[arg-type]
     gen._record(gen.choices[0], _delta("Hel", 1))
     gen._record(gen.choices[0], _delta("lo", 2, "stop"))
@@ -64,7 +77,12 @@ def test_chat_chunks_and_usage() -> None:
 def test_completion_shape_with_echo() -> None:
     metrics = FrontendMetrics()
     gen = Generation(
-        None, [RouterRequest(request_id="r", text_input="x", stream=False)], {}, metrics, "m", n=1
+        None,
+        [RouterRequest(SamplingParams(), request_id="r", text_input="x", stream=False)],
+        {},
+        metrics,
+        "m",
+        n=1,
     )  # type: ignore[arg-type]
     gen._record(gen.choices[0], _delta(" world", 1, "stop"))
     shape = ResponseShape(False, "cmpl-1", "m", 1, echo=["hello"])
@@ -91,3 +109,28 @@ def test_model_id_discovery_from_config_parameters() -> None:
     )
     assert model_id_from_parameters({"model": {"string_value": "${model}"}}) is None
     assert model_id_from_parameters({"model": {"string_value": "/p/Y.F16.gguf"}}) == "Y"
+
+
+def test_router_tensors_follow_the_contract() -> None:
+    """The gRPC inputs carry each table datatype; responses decode into `RouterDelta`s."""
+    req = RouterRequest(SamplingParams(seed=1, temperature=0.0), input_ids=(1, 2), request_id="r")
+    inputs = {t.name(): t.datatype() for t in _infer_inputs(req)}
+    assert inputs == {
+        "input_ids": "INT32",
+        "temperature": "FP32",
+        "seed": "UINT64",
+        "request_id": "BYTES",
+    }
+
+    class Result:
+        def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+            self.arrays = arrays
+
+        def as_numpy(self, name: str) -> np.ndarray | None:
+            return self.arrays.get(name)
+
+    delta = _delta("é", 3, "stop")
+    assert _parse(Result(encode_router_outputs(delta))) == delta
+    with pytest.raises(APIError) as err:
+        _parse(Result({"num_input_tokens": np.array([1.5], np.float32)}))
+    assert err.value.status == 502 and "num_input_tokens" in err.value.message

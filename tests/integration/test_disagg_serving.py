@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -211,6 +212,43 @@ def test_disaggregated_equals_aggregated_token_for_token(server: Launcher) -> No
         fresh = "Once upon a time a small green dragon lived in a cave above a village of bakers and bell ringers."
         again = client.generate(text_input=fresh, max_tokens=2, temperature=0.0)
         assert again[-1]["worker"] == "prefill>decode", "the reloaded prefill worker is used again"
+
+
+def test_a_shared_prefix_goes_to_the_prefill_worker_that_cached_it(server: Launcher) -> None:
+    """Two prefill workers publishing KV events: a prompt sharing a long prefix with an earlier
+    one is prefilled by the worker that holds the prefix (the decode pool's cost: overlap and
+    load), and prompts without one spread over both workers."""
+    assert server.control is not None
+    load_prefill_1 = server._load_job("prefill_1", gpu=None, replica=True, pool="prefill")
+    load_prefill_1()
+    _, grpc_url, metrics_url = _urls(server)
+    rng = np.random.default_rng(7)
+    try:
+        with RouterClient(grpc_url) as client:
+
+            def both_known() -> bool:
+                client.generate(text_input="Hi", max_tokens=1)  # its metric flush reports the pool
+                lines = httpx.get(metrics_url, timeout=10).text.splitlines()
+                return any(line.startswith("trident_router_live_workers{") and 'pool="prefill"' in line
+                           and line.endswith(" 2") for line in lines)
+
+            assert wait_for(both_known, timeout=30, interval=0.5), "the router never saw prefill_1"
+            firsts, seconds = [], []
+            for _ in range(4):
+                prefix = [int(t) for t in rng.integers(300, 4000, size=96)]  # 6 blocks
+                pair = []
+                for _ in range(2):  # the tail alone is above the threshold: both prefill remotely
+                    tail = [int(t) for t in rng.integers(300, 4000, size=40)]
+                    responses = client.generate(input_ids=prefix + tail, max_tokens=2, temperature=0.0)
+                    pair.append(responses[-1]["worker"])
+                firsts.append(pair[0])
+                seconds.append(pair[1])
+            assert all(w.endswith(">decode") for w in firsts + seconds), firsts + seconds
+            assert seconds == firsts, "each second prompt went to the prefill worker holding its prefix"
+            assert {w.split(">")[0] for w in firsts} == {"prefill", "prefill_1"}, firsts
+    finally:
+        server.control.unload("prefill_1")
+        assert wait_for(lambda: not server.control.is_ready("prefill_1"), timeout=30)
 
 
 def test_decode_killed_mid_handoff_strands_no_prefill_blocks(server: Launcher) -> None:

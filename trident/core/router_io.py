@@ -1,15 +1,11 @@
-"""Tensor I/O of the `router` model: its public contract, parsed and encoded without Triton.
+"""Tensor I/O of the `router` model, both ends, without Triton.
 
-Inputs (every one optional, but one of text_input / messages / input_ids is required):
-  text_input STRING [1] (raw prompt), messages STRING [1] (chat JSON), input_ids INT32 [-1],
-  max_tokens INT32 [1] (16), min_tokens INT32 [1], stream BOOL [1] (false),
-  temperature FP32 [1] (1.0), top_p FP32 [1], top_k INT32 [1], seed / random_seed UINT64 [1],
-  stop STRING [-1], stop_token_ids INT32 [-1], ignore_eos BOOL [1],
-  exclude_input_in_output BOOL [1] (accepted; output never includes the input),
-  request_id STRING [1].
-Outputs (every response): text_output STRING [1], output_ids INT32 [-1], finish_reason
-  STRING [1] ("" until the last), num_input_tokens, num_output_tokens (cumulative),
-  cached_tokens INT32 [1], worker STRING [1].
+The router model parses a request with `check_parameters` and `parse_router_inputs` and
+answers with `encode_router_outputs`; a caller (the OpenAI frontend) sends a request with
+`encode_router_inputs` and reads the answers with `decode_router_outputs`. The tensors are
+the tables `ROUTER_INPUTS` and `ROUTER_OUTPUTS` in `trident.core.contract` (names, types,
+dims, defaults and what each one means); this module maps them to and from `RouterRequest`
+and `RouterDelta`.
 """
 
 from __future__ import annotations
@@ -21,32 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from trident.core.contract import PROMPT_INPUTS, ROUTER_INPUTS, ROUTER_OUTPUTS, Arrays
 from trident.core.errors import ValidationError
 from trident.core.types import SamplingParams
-from trident.core.worker_io import (
-    Arrays,
-    get_bool,
-    get_int_list,
-    get_str,
-    get_str_list,
-    parse_sampling,
-)
-
-ROUTER_INPUTS = (
-    "text_input", "messages", "input_ids", "max_tokens", "min_tokens", "stream", "temperature",
-    "top_p", "top_k", "seed", "random_seed", "stop", "stop_token_ids", "ignore_eos",
-    "exclude_input_in_output", "request_id",
-)
-ROUTER_OUTPUTS = (
-    "text_output", "output_ids", "finish_reason", "num_input_tokens", "num_output_tokens",
-    "cached_tokens", "worker",
-)
-PROMPT_INPUTS = ("text_input", "messages", "input_ids")
+from trident.core.worker_io import sampling_params, sampling_values
 
 
 @dataclass(frozen=True, slots=True)
 class RouterRequest:
-    """A validated client request as the orchestrator sees it (exactly one prompt form set)."""
+    """A client request as the orchestrator sees it (exactly one prompt form set)."""
 
     sampling: SamplingParams
     text_input: str | None = None
@@ -59,7 +38,10 @@ class RouterRequest:
 
 @dataclass(frozen=True, slots=True)
 class RouterDelta:
-    """One router response: new text and ids since the previous one (or all of it)."""
+    """One router response: new text and ids since the previous one (or all of it).
+
+    The fields are the router's outputs, one for one (`ROUTER_OUTPUTS`).
+    """
 
     text_output: str
     output_ids: tuple[int, ...]
@@ -74,6 +56,7 @@ class RouterDelta:
         return bool(self.finish_reason)
 
 
+# ---- the router's side ------------------------------------------------------------------
 def parse_router_inputs(arrays: Arrays) -> RouterRequest:
     """Validate the inputs; raise `ValidationError` naming the first bad one."""
     given = [name for name in PROMPT_INPUTS if name in arrays]
@@ -81,27 +64,24 @@ def parse_router_inputs(arrays: Arrays) -> RouterRequest:
         raise ValidationError("text_input", "a prompt is required: send text_input, messages or input_ids")
     if len(given) > 1:
         raise ValidationError(given[1], f"send only one of text_input, messages, input_ids (got {', '.join(given)})")
-    sampling = parse_sampling(arrays)
-    stop = tuple(s for s in get_str_list(arrays, "stop") if s)
-    common = {
-        "sampling": sampling,
-        "stream": get_bool(arrays, "stream"),
-        "stop": stop,
-        "request_id": get_str(arrays, "request_id", "") or "",
-    }
-    get_bool(arrays, "exclude_input_in_output")  # accepted and type-checked only
-    name = given[0]
-    if name == "text_input":
-        text = get_str(arrays, "text_input", "")
-        if not text:
-            raise ValidationError("text_input", "must not be empty")
-        return RouterRequest(text_input=text, **common)  # type: ignore[arg-type]
-    if name == "messages":
-        return RouterRequest(messages=parse_messages(get_str(arrays, "messages", "") or ""), **common)  # type: ignore[arg-type]
-    ids = get_int_list(arrays, "input_ids")
-    if not ids:
+    values = ROUTER_INPUTS.read(arrays, defaults=True)  # exclude_input_in_output: type-checked only
+    sampling = sampling_params(values)
+    text, messages, ids = values["text_input"], None, values["input_ids"]
+    if given[0] == "text_input" and not text:
+        raise ValidationError("text_input", "must not be empty")
+    if given[0] == "messages":
+        messages = parse_messages(values["messages"])
+    if given[0] == "input_ids" and not ids:
         raise ValidationError("input_ids", "must not be empty")
-    return RouterRequest(input_ids=ids, **common)  # type: ignore[arg-type]
+    return RouterRequest(
+        sampling=sampling,
+        text_input=text,
+        messages=messages,
+        input_ids=ids,
+        stream=values["stream"],
+        stop=tuple(s for s in values["stop"] if s),
+        request_id=values["request_id"],
+    )
 
 
 def check_parameters(parameters: Mapping[str, Any]) -> None:
@@ -111,9 +91,8 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
     request parameters, so a misspelt input arrives here instead of being refused by the
     server; parameters Triton itself sets start with "triton_".
     """
-    unknown = sorted(k for k in parameters if not k.startswith("triton_") and k not in ROUTER_INPUTS)
-    if unknown:
-        raise ValidationError(unknown[0], f"unknown input; the router accepts {', '.join(ROUTER_INPUTS)}")
+    for name in sorted(k for k in parameters if not k.startswith("triton_")):
+        ROUTER_INPUTS.spec(name)  # raises ValidationError naming an unknown input
 
 
 def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
@@ -138,12 +117,29 @@ def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
 
 
 def encode_router_outputs(delta: RouterDelta) -> dict[str, np.ndarray]:
-    return {
-        "text_output": np.array([delta.text_output.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.asarray(delta.output_ids, dtype=np.int32),
-        "finish_reason": np.array([delta.finish_reason.encode("utf-8")], dtype=np.object_),
-        "num_input_tokens": np.array([delta.num_input_tokens], dtype=np.int32),
-        "num_output_tokens": np.array([delta.num_output_tokens], dtype=np.int32),
-        "cached_tokens": np.array([delta.cached_tokens], dtype=np.int32),
-        "worker": np.array([delta.worker.encode("utf-8")], dtype=np.object_),
+    return ROUTER_OUTPUTS.encode({name: getattr(delta, name) for name in ROUTER_OUTPUTS})
+
+
+# ---- the caller's side ------------------------------------------------------------------
+def encode_router_inputs(request: RouterRequest) -> dict[str, np.ndarray]:
+    """The router's input tensors for `request`.
+
+    Values equal to the router's own defaults are left out: the router reads the same
+    request back (`parse_router_inputs`), with fewer tensors on the wire.
+    """
+    messages = request.messages
+    values = {
+        "text_input": request.text_input,
+        "messages": None if messages is None else json.dumps(list(messages), ensure_ascii=False),
+        "input_ids": request.input_ids,
+        **sampling_values(request.sampling),
+        "stream": request.stream,
+        "stop": request.stop,
+        "request_id": request.request_id,
     }
+    return ROUTER_INPUTS.encode({k: v for k, v in values.items() if v != ROUTER_INPUTS.spec(k).default})
+
+
+def decode_router_outputs(arrays: Arrays) -> RouterDelta:
+    """One router response; absent outputs take their defaults. `ValidationError` names a bad one."""
+    return RouterDelta(**ROUTER_OUTPUTS.read(arrays, defaults=True))

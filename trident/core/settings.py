@@ -68,3 +68,20 @@ def load_settings(
     config = replace(cls(), **values)  # type: ignore[type-var]
     validate = getattr(config, "validate", None)
     return validate() if callable(validate) else config
+
+
+def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """String parameters of a Triton model config (dict form), without the unset ones."""
+    out: dict[str, str] = {}
+    for key, entry in (model_config.get("parameters") or {}).items():
+        value = entry.get("string_value") if isinstance(entry, Mapping) else entry
+        if not is_unset(value):
+            out[key] = str(value)
+    return out
+
+
+def instance_device(args: Mapping[str, str]) -> str | None:
+    """`cuda:N` for a KIND_GPU instance (from `model_instance_device_id`), else None."""
+    if str(args.get("model_instance_kind", "")).upper() != "GPU":
+        return None
+    return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"

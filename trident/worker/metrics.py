@@ -2,7 +2,7 @@
 
 The engine thread only appends observations to a deque (`record_*`, cheap and non-blocking);
 the worker's poller thread calls `flush(stats)` a few times a second, which forwards them
-to `pb_utils.MetricFamily` metrics (each observation is an IPC call to the server, so it must
+to `pb.MetricFamily` metrics (`pb`: the stub's `triton_python_backend_utils`) (each observation is an IPC call to the server, so it must
 stay off the token path). Every metric carries the label `worker` (the model name).
 """
 
@@ -12,7 +12,6 @@ import collections
 import logging
 from typing import Any
 
-from trident.core.triton_io import pb_utils
 from trident.core.types import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -41,8 +40,7 @@ _BUCKETS = {
 class WorkerMetrics:
     """Metric families of one worker model. Created in `initialize`, flushed by the poller."""
 
-    def __init__(self, worker: str) -> None:
-        pb = pb_utils()
+    def __init__(self, pb: Any, worker: str) -> None:
         labels = {"worker": worker}
         self._metrics: dict[str, Any] = {}
         self._families: list[Any] = []  # a family must outlive its metrics

@@ -1,4 +1,4 @@
-"""The glue between a decoupled worker model (`model_repository/decode`) and an engine.
+"""The glue between a decoupled worker model (`decode`, `prefill` and their replicas) and an engine.
 
 Threads:
 - Triton's model thread calls `execute(requests)`: each request is parsed, registered and
@@ -16,7 +16,6 @@ The engine owns its KV pool; this class owns only the map of in-flight requests.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import threading
@@ -27,16 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plugins.base import Engine
-from trident.core.errors import ConfigError, TridentError, ValidationError
+from trident.core.errors import TridentError, ValidationError
+from trident.core.settings import model_parameters
 from trident.core.triton_io import (
     close_quietly,
-    instance_device,
-    model_parameters,
-    pb_utils,
     read_inputs,
+    response,
     send_final_error,
     setup_logging,
-    tensors,
 )
 from trident.core.types import FINISH_ERROR, TokenChunk
 from trident.core.worker_io import (
@@ -45,6 +42,7 @@ from trident.core.worker_io import (
     encode_chunk_outputs,
     parse_generate_inputs,
 )
+from trident.worker.engines import build_engine
 from trident.worker.events import WorkerEvents
 from trident.worker.metrics import WorkerMetrics
 
@@ -65,47 +63,35 @@ class _InFlight:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) -> Engine:
-    """The engine named by the `engine` parameter ("torch", the default) for this instance."""
-    kind = params.get("engine", "torch")
-    if kind != "torch":
-        raise ConfigError(f"engine: unknown engine {kind!r} (available: torch)")
-    from plugins.torch_engine.config import TorchEngineConfig
-    from plugins.torch_engine.engine import TorchEngine
-
-    config = TorchEngineConfig.from_mapping(params)
-    changes: dict[str, object] = {"worker_id": name}
-    device = instance_device(args)
-    if device is not None:  # a KIND_GPU instance: honour model_instance_device_id
-        changes["device"] = device
-    return TorchEngine(dataclasses.replace(config, **changes).validate())
-
-
-def worker_from_args(args: Mapping[str, Any]) -> DecodeWorker:
-    """`initialize` of the decode and prefill models (their model.py): logging, parameters,
-    engine, metrics and KV-event publishing (the `kv_events` parameter; the prefill model's
-    config turns it off) for this instance. Returns the started worker; the model's
+def worker_from_args(pb: Any, args: Mapping[str, Any]) -> WorkerModel:
+    """`initialize` of the decode and prefill models (their model.py, which pass in the
+    stub's `triton_python_backend_utils` as `pb`): logging, parameters, engine, metrics and
+    KV-event publishing for this instance. Returns the started worker; the model's
     `finalize` calls its `shutdown()`."""
     name = args["model_name"]
-    setup_logging(name)
+    setup_logging(pb, name)
     params = model_parameters(json.loads(args["model_config"]))
     events = WorkerEvents.from_params(name, params)
-    worker = DecodeWorker(name, build_engine(name, params, args), WorkerMetrics(name), events=events)
+    engine = build_engine(name, params, args)
+    worker = WorkerModel(pb, name, engine, WorkerMetrics(pb, name), events=events)
     worker.start()
     return worker
 
 
-class DecodeWorker:
-    """One worker model instance serving one engine. See the module docstring for threads."""
+class WorkerModel:
+    """One worker model instance (decode or prefill: the role is only in the requests it gets
+    and its engine settings) serving one engine. See the module docstring for threads."""
 
     def __init__(
         self,
+        pb: Any,
         name: str,
         engine: Engine,
         metrics: WorkerMetrics | None = None,
         poll_s: float = 0.05,
         events: WorkerEvents | None = None,
     ) -> None:
+        self.pb = pb
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -142,17 +128,17 @@ class DecodeWorker:
             try:
                 self._submit(request, sender)
             except TridentError as exc:
-                send_final_error(sender, exc)
+                send_final_error(self.pb, sender, exc)
             except Exception as exc:  # an engine bug must not kill the model instance
                 logger.exception("worker=%s: failed to submit a request", self.name)
-                send_final_error(sender, f"internal error in worker {self.name}: {exc}")
+                send_final_error(self.pb, sender, f"internal error in worker {self.name}: {exc}")
 
     def _submit(self, request: Any, sender: Any) -> None:
-        arrays = read_inputs(request, WORKER_INPUTS)
+        arrays = read_inputs(self.pb, request, WORKER_INPUTS.names)
         parsed = parse_generate_inputs(arrays, request.request_id() or uuid.uuid4().hex)
         if isinstance(parsed, AbortCommand):
             self.engine.abort(parsed.request_id)
-            close_quietly(sender)
+            close_quietly(self.pb, sender)
             return
         vocab = self.engine.info().vocab_size
         if parsed.first_token is not None and parsed.first_token >= vocab:
@@ -183,7 +169,7 @@ class DecodeWorker:
         if entry is None:
             return
         self._record_timing(entry, chunk, now)
-        pb = pb_utils()
+        pb = self.pb
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.finished else 0
         try:
             if chunk.finished:
@@ -199,10 +185,10 @@ class DecodeWorker:
 
     def _send(self, entry: _InFlight, chunk: TokenChunk, flags: int) -> None:
         if chunk.finish_reason == FINISH_ERROR:
-            send_final_error(entry.sender, chunk.error or f"worker {self.name}: engine error")
+            send_final_error(self.pb, entry.sender, chunk.error or f"worker {self.name}: engine error")
         else:
-            pb = pb_utils()
-            entry.sender.send(pb.InferenceResponse(output_tensors=tensors(encode_chunk_outputs(chunk))), flags=flags)
+            pb = self.pb
+            entry.sender.send(response(pb, encode_chunk_outputs(chunk)), flags=flags)
 
     def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
         n = len(chunk.output_ids)

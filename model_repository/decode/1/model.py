@@ -1,7 +1,7 @@
-"""Decode worker model: thin glue over `trident.worker.model.DecodeWorker` (see that module).
+"""Decode worker model: thin glue over `trident.worker.model.WorkerModel`.
 
-Replicas loaded with a `file:1/model.py` override run this file from a temporary directory,
-so the repository root comes from the `trident_root` parameter or `TRIDENT_ROOT` first.
+A decode worker streams tokens; given a `kv_descriptor` it first pulls the prompt's KV from
+the prefill worker that computed it. The I/O contract is `trident.core.contract.WORKER_*`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ import json
 import os
 import sys
 
+import triton_python_backend_utils as pb_utils
+
 
 def _add_trident_root(args: dict) -> None:
+    """Replicas loaded with a `file:1/model.py` override run from a temporary directory:
+    find the checkout from the `trident_root` parameter, `TRIDENT_ROOT`, or this file."""
     params = json.loads(args["model_config"]).get("parameters", {})
     root = params.get("trident_root", {}).get("string_value", "") or os.environ.get("TRIDENT_ROOT", "")
-    if not root:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    root = root or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
     if root not in sys.path:
         sys.path.insert(0, root)
 
@@ -25,7 +28,7 @@ class TritonPythonModel:
         _add_trident_root(args)
         from trident.worker.model import worker_from_args
 
-        self.worker = worker_from_args(args)
+        self.worker = worker_from_args(pb_utils, args)
 
     def execute(self, requests: list) -> None:
         self.worker.execute(requests)

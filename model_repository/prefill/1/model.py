@@ -1,10 +1,8 @@
-"""Prefill worker model: the decode glue (`trident.worker.model.DecodeWorker`) on a shareable KV pool.
+"""Prefill worker model: the same glue as `decode` (`trident.worker.model.WorkerModel`).
 
-The router sends `hold_kv` requests here (router_ensemble/orchestration/disagg.py); the engine returns the
-first token and a KV descriptor, and keeps the prompt's blocks leased for a decode worker.
-
-Replicas loaded with a `file:1/model.py` override run this file from a temporary directory,
-so the repository root comes from the `trident_root` parameter or `TRIDENT_ROOT` first.
+Its config makes the engine's KV pool shareable: the router sends it `hold_kv` requests and
+gets the first token plus a `kv_descriptor` whose blocks stay leased until a decode worker
+pulls them (`router_ensemble/orchestration/disagg.py`). I/O: `trident.core.contract.WORKER_*`.
 """
 
 from __future__ import annotations
@@ -13,12 +11,15 @@ import json
 import os
 import sys
 
+import triton_python_backend_utils as pb_utils
+
 
 def _add_trident_root(args: dict) -> None:
+    """Replicas loaded with a `file:1/model.py` override run from a temporary directory:
+    find the checkout from the `trident_root` parameter, `TRIDENT_ROOT`, or this file."""
     params = json.loads(args["model_config"]).get("parameters", {})
     root = params.get("trident_root", {}).get("string_value", "") or os.environ.get("TRIDENT_ROOT", "")
-    if not root:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    root = root or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
     if root not in sys.path:
         sys.path.insert(0, root)
 
@@ -28,7 +29,7 @@ class TritonPythonModel:
         _add_trident_root(args)
         from trident.worker.model import worker_from_args
 
-        self.worker = worker_from_args(args)
+        self.worker = worker_from_args(pb_utils, args)
 
     def execute(self, requests: list) -> None:
         self.worker.execute(requests)

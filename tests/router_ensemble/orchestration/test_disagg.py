@@ -12,7 +12,7 @@ import torch
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator, Route, select_worker
+from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator
 from router_ensemble.orchestration.local_client import EngineWorkerClient
 from router_ensemble.orchestration.orchestrator import Orchestrator
 from router_ensemble.routing.config import RouterConfig
@@ -71,7 +71,7 @@ def _orchestrator(tokenizer, engines, decode: str = "decode", prefill: tuple[str
     client = RecordingClient(engines, log if log is not None else [])
     selector = selector or RoundRobinSelector(WorkerDirectory("decode", fixed=(decode,)))
     directory = WorkerDirectory("prefill", fixed=prefill) if prefill else WorkerDirectory("prefill", probe=lambda n: False)
-    disagg = Disaggregator(DisaggConfig(disagg_threshold=threshold, **kw), directory)
+    disagg = Disaggregator(DisaggConfig(disagg_threshold=threshold, **kw), RoundRobinSelector(directory))
     return Orchestrator(tokenizer, selector, client, disagg=disagg)
 
 
@@ -138,9 +138,10 @@ def test_short_prompts_and_disabled_threshold_stay_local(tokenizer, engines) -> 
 def test_kv_router_overlap_counts_as_cached(tokenizer, engines) -> None:
     router = KvRouter(RouterConfig(block_size=BLOCK, kv_events=False))  # approximate: assume cached
     router.add_worker("decode")
-    selector = KvSelector(router)
-    assert select_worker(selector, "r0", PROMPTS[1]) == ("decode", 0)
-    orch = _orchestrator(tokenizer, engines, selector=KvSelector(router))
+    selector = KvSelector(router, WorkerDirectory("decode", fixed=("decode",)))
+    first = selector.select("r0", PROMPTS[1])
+    assert (first.worker, first.cached_tokens) == ("decode", 0)
+    orch = _orchestrator(tokenizer, engines, selector=selector)
     # The router now assumes decode holds PROMPTS[1]'s 15 full blocks: 1 uncached token, local.
     assert _run(orch, PROMPTS[1], 3)[-1].worker == "decode"
     assert _run(orch, PROMPTS[2], 3)[-1].worker == "prefill>decode"
@@ -179,9 +180,10 @@ def test_a_prefill_worker_that_hangs_and_goes_away_is_bypassed(tokenizer, engine
 
     ready = {"prefill": True}
     directory = WorkerDirectory("prefill", probe=lambda name: ready.get(name, False), refresh_s=60)
-    disagg = Disaggregator(DisaggConfig(disagg_threshold=THRESHOLD), directory)
     hung = HungClient()
-    disagg.client = WatchedWorkerClient(hung, disagg.removals, poll_s=0.05, stall_s=0.2)
+    removed = lambda worker: 0 if ready.get(worker) else 1  # noqa: E731  (the pool's removal count)
+    watched = WatchedWorkerClient(hung, removed, poll_s=0.05, stall_s=0.2)
+    disagg = Disaggregator(DisaggConfig(disagg_threshold=THRESHOLD), RoundRobinSelector(directory), watched)
     orch = Orchestrator(tokenizer, RoundRobinSelector(WorkerDirectory("decode", fixed=("decode",))),
                         EngineWorkerClient(engines), disagg=disagg)
     threading.Timer(0.5, lambda: ready.update(prefill=False)).start()  # unloaded while the call hangs
@@ -224,16 +226,17 @@ def test_decode_refusing_the_layout_fails_clearly_and_the_lease_expires(tokenize
 
 def test_saturated_prefill_pool_prefills_locally() -> None:
     disagg = Disaggregator(DisaggConfig(disagg_threshold=10, prefill_max_inflight=2),
-                           WorkerDirectory("prefill", fixed=("prefill", "prefill_1")))
+                           RoundRobinSelector(WorkerDirectory("prefill", fixed=("prefill", "prefill_1"))))
     sp = SamplingParams(max_tokens=4)
-    routes = [disagg.route(f"r{i}", "decode", 50, 0, sp) for i in range(5)]
+    prompt = tuple(range(50))
+    routes = [disagg.route(f"r{i}", "decode", prompt, 0, sp) for i in range(5)]
     assert [r.label for r in routes] == ["prefill>decode", "prefill_1>decode", "prefill>decode",
                                          "prefill_1>decode", "decode"]
-    assert disagg.route("c", "decode", 50, 45, sp).label == "decode"  # 5 uncached tokens
+    assert disagg.route("c", "decode", prompt, 45, sp).label == "decode"  # 5 uncached tokens
     routes[0].close()
     routes[0].close()  # idempotent
     assert disagg.inflight() == {"prefill": 1, "prefill_1": 2}
-    assert disagg.route("r5", "decode", 50, 0, sp).label == "prefill>decode"
+    assert disagg.route("r5", "decode", prompt, 0, sp).label == "prefill>decode"
 
 
 def test_concurrent_requests_share_the_pool(tokenizer, engines) -> None:
@@ -260,4 +263,6 @@ def test_config_reads_parameters_and_environment() -> None:
         DisaggConfig.from_mapping({}, env={"TRIDENT_ROUTER_DISAGG_THRESHOLD": "-3"})
     with pytest.raises(ConfigError, match="prefill_max_inflight"):
         DisaggConfig.from_mapping({"prefill_max_inflight": "lots"}, env={})
-    assert Route("decode_1", "prefill_2").label == "prefill_2>decode_1"
+    pool = RoundRobinSelector(WorkerDirectory("prefill", fixed=("prefill_2",)))
+    route = Disaggregator(DisaggConfig(disagg_threshold=1), pool).route("x", "decode_1", (1, 2), 0, SamplingParams())
+    assert route.label == "prefill_2>decode_1"

@@ -39,7 +39,7 @@ def test_probe_errors_count_as_not_ready() -> None:
 
 def test_round_robin_cycles_and_fails_without_workers() -> None:
     selector = RoundRobinSelector(WorkerDirectory("decode", fixed=("decode", "decode_1")))
-    assert [selector.select(str(i), [1, 2]) for i in range(4)] == ["decode", "decode_1"] * 2
+    assert [selector.select(str(i), [1, 2]).worker for i in range(4)] == ["decode", "decode_1"] * 2
     empty = RoundRobinSelector(WorkerDirectory("decode", probe=lambda name: False))
     with pytest.raises(WorkerUnavailable, match="no decode worker is ready"):
         empty.select("r", [1])

@@ -10,6 +10,7 @@ from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
 from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.router import KvRouter, KvSelector
 from trident.core.errors import ValidationError, WorkerUnavailable
 
@@ -156,8 +157,8 @@ def test_release_ends_pending_load_and_selector_adapter() -> None:
     router.release("r1")
     router.release("r1")  # twice is harmless
     assert router.loads.view(first.worker_id).active_blocks == 0
-    selector = KvSelector(router, workers=lambda: ["b", "c"])  # "c": ready, never reported
-    picks = {selector.select(f"q{i}", PROMPT) for i in range(4)}
+    selector = KvSelector(router, WorkerDirectory("pool", fixed=("b", "c")))  # "c": ready, never reported
+    picks = {selector.select(f"q{i}", PROMPT).worker for i in range(4)}
     assert picks == {"b", "c"}
     for i in range(4):
         selector.release(f"q{i}")

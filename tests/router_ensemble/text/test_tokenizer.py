@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +183,7 @@ def test_hf_directory_tokenizer(tmp_path):
 
 def test_tokenizer_does_not_import_torch():
     code = "import sys, router_ensemble.text.tokenizer as t; t.load_tokenizer(''); assert 'torch' not in sys.modules, 'torch imported'"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = str(Path(__file__).resolve().parents[3])
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=root,

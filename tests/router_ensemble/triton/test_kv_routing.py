@@ -1,4 +1,4 @@
-"""KvRouting (discovery + subscriber + selector) over real ZMQ publishers, and the watched client."""
+"""PoolRouting (discovery + subscriber + selector) over real ZMQ publishers, and the watched client."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kv_manager.hashing import hash_blocks
 from kv_manager.publisher import KVEventPublisher
 from router_ensemble.routing.config import RouterConfig
 from router_ensemble.routing.directory import WorkerDirectory
-from router_ensemble.triton.kv_routing import KvRouting
+from router_ensemble.triton.kv_routing import PoolRouting
 from router_ensemble.triton.watched_client import WatchedWorkerClient
 from tests.waiting import wait_until
 from trident.core.endpoints import events_endpoint
@@ -32,10 +32,10 @@ def ready() -> set[str]:
 
 
 @pytest.fixture
-def routing(tmp_path: Path, ready: set[str]) -> Iterator[KvRouting]:
+def routing(tmp_path: Path, ready: set[str]) -> Iterator[PoolRouting]:
     directory = WorkerDirectory("decode", probe=lambda name: name in ready, refresh_s=0.0)
     config = RouterConfig(block_size=BS, seed=0, worker_timeout_s=0.5)
-    kv = KvRouting(directory, config, tmp_path).start()
+    kv = PoolRouting(directory, config, tmp_path).start()
     yield kv
     kv.close()
 
@@ -45,20 +45,20 @@ def publisher(name: str, tmp_path: Path) -> KVEventPublisher:
 
 
 def test_discovers_workers_and_routes_to_the_prefix_holder(
-    routing: KvRouting, tmp_path: Path, ready: set[str]
+    routing: PoolRouting, tmp_path: Path, ready: set[str]
 ) -> None:
     with publisher("decode", tmp_path) as a, publisher("decode_1", tmp_path) as b:
         hashes = hash_blocks(PROMPT, BS)
         b.publish([BlockStored(tuple(hashes[:8]), None, (), BS)])
 
         def tick() -> None:  # request threads sync the subscriptions; here the test does
-            routing.sync_workers()
+            routing.selector.ready()
             a.report_load(STATS)
             b.report_load(STATS)
 
         wait_until(lambda: routing.router.index.find_matches(hashes) == {"decode_1": 8}, tick=tick)
-        worker, cached = routing.selector.select_cached("r1", PROMPT)
-        assert (worker, cached) == ("decode_1", 8 * BS)
+        selection = routing.selector.select("r1", PROMPT)
+        assert (selection.worker, selection.cached_tokens) == ("decode_1", 8 * BS)
         routing.selector.release("r1")
         routing.selector.record_served("decode_1", len(PROMPT), 8 * BS)
         snap = routing.router.metrics.snapshot()
@@ -66,23 +66,23 @@ def test_discovers_workers_and_routes_to_the_prefix_holder(
         # the model is unloaded: the router stops routing there and forgets its blocks
         ready.discard("decode_1")
         wait_until(lambda: routing.router.index.find_matches(hashes) == {}, tick=tick)
-        assert routing.selector.select("r2", PROMPT) == "decode"
+        assert routing.selector.select("r2", PROMPT).worker == "decode"
         assert routing.router.removals("decode_1") >= 1
 
 
 def test_silent_worker_is_skipped_and_none_ready_is_an_error(
-    routing: KvRouting, tmp_path: Path, ready: set[str]
+    routing: PoolRouting, tmp_path: Path, ready: set[str]
 ) -> None:
     with publisher("decode", tmp_path) as a, publisher("decode_1", tmp_path) as b:
         wait_until(
             lambda: set(routing.router.workers()) == ready,
-            tick=lambda: (routing.sync_workers(), a.report_load(STATS), b.report_load(STATS)),
+            tick=lambda: (routing.selector.ready(), a.report_load(STATS), b.report_load(STATS)),
         )
         # decode_1 stops reporting (its process died): after worker_timeout_s it is skipped
         wait_until(lambda: routing.router.is_down("decode_1"), tick=lambda: a.report_load(STATS))
-        assert {routing.selector.select(f"q{i}", PROMPT) for i in range(6)} == {"decode"}
+        assert {routing.selector.select(f"q{i}", PROMPT).worker for i in range(6)} == {"decode"}
     ready.clear()
-    with pytest.raises(WorkerUnavailable, match="no worker is ready"):
+    with pytest.raises(WorkerUnavailable, match="no decode worker is ready"):
         routing.selector.select("q", PROMPT)
 
 

@@ -8,10 +8,14 @@ import pytest
 from trident.core.errors import ValidationError
 from trident.core.router_io import (
     RouterDelta,
+    RouterRequest,
     check_parameters,
+    decode_router_outputs,
+    encode_router_inputs,
     encode_router_outputs,
     parse_router_inputs,
 )
+from trident.core.types import SamplingParams
 
 
 def s(*values: str) -> np.ndarray:
@@ -91,3 +95,31 @@ def test_outputs_carry_every_field() -> None:
     assert out["output_ids"].dtype == np.int32 and out["output_ids"].tolist() == [1, 2]
     assert out["finish_reason"][0] == b"stop" and out["worker"][0] == b"decode_1"
     assert [int(out[k][0]) for k in ("num_input_tokens", "num_output_tokens", "cached_tokens")] == [3, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"text_input": "Hello"},
+        {"messages": ({"role": "user", "content": "é"}, {"role": "assistant", "content": ""})},
+        {"input_ids": (5, 6, 7)},
+    ],
+)
+def test_requests_round_trip_through_the_inputs(prompt: dict) -> None:
+    sp = SamplingParams(max_tokens=9, temperature=0.5, top_p=0.25, top_k=3, seed=2**40,
+                        stop_token_ids=(2,), min_tokens=1, ignore_eos=True)
+    request = RouterRequest(sp, stream=True, stop=("\n", "."), request_id="r-1", **prompt)
+    assert parse_router_inputs(encode_router_inputs(request)) == request
+    plain = RouterRequest(SamplingParams(), **prompt)
+    arrays = encode_router_inputs(plain)
+    assert set(arrays) == set(prompt)  # the router's defaults are not sent
+    assert parse_router_inputs(arrays) == plain
+
+
+def test_outputs_round_trip() -> None:
+    delta = RouterDelta("é", (1, 2), "stop", 3, 2, 1, "prefill>decode")
+    assert decode_router_outputs(encode_router_outputs(delta)) == delta
+    empty = decode_router_outputs({"output_ids": np.array([], np.int32)})
+    assert empty == RouterDelta("", (), "", 0, 0, 0, "") and not empty.final
+    with pytest.raises(ValidationError, match="^text_output: is not valid UTF-8"):
+        decode_router_outputs({"text_output": np.array([b"\xe9"], dtype=np.object_)})

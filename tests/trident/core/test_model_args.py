@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trident.core.triton_io import instance_device, model_parameters
+from trident.core.settings import instance_device, model_parameters
 
 
 @pytest.mark.parametrize(
