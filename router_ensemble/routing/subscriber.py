@@ -189,6 +189,10 @@ class KvEventSubscriber:
         try:
             while not self._stop.is_set():
                 self._drain_commands()
+                if not self._owner:  # zmq's poll returns at once with no socket to watch
+                    self._stop.wait(self._poll_ms / 1000.0)
+                    self._check_timers(self._clock())
+                    continue
                 try:
                     ready = dict(self._poller.poll(self._poll_ms))
                 except zmq.ZMQError as exc:

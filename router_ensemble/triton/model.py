@@ -155,12 +155,15 @@ class RouterModel:
         self._after_request()
 
     def _after_request(self) -> None:
-        """Request thread, after its final response: push routing metrics to the server. If
-        another thread is flushing, skip: its flush or the next one carries this request."""
+        """Request thread, after its final response: push routing metrics to the server and
+        re-probe the pools when due, off the next request's path. If another thread is at
+        it, skip: its flush or the next one carries this request."""
         if not self._flush_lock.acquire(blocking=False):
             return
         try:
             self.exporter.flush()
+            for routing in self.pools.values():
+                routing.directory.refresh()
         finally:
             self._flush_lock.release()
 

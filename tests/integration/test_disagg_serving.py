@@ -227,7 +227,10 @@ def test_a_shared_prefix_goes_to_the_prefill_worker_that_cached_it(server: Launc
         with RouterClient(grpc_url) as client:
 
             def both_known() -> bool:
-                client.generate(text_input="Hi", max_tokens=1)  # its metric flush reports the pool
+                # a prompt above the threshold makes the router consult (and re-scan) the
+                # prefill pool; its metric flush reports how many workers the pool has
+                probe = [int(t) for t in rng.integers(300, 4000, size=THRESHOLD + 4)]
+                client.generate(input_ids=probe, max_tokens=1)
                 lines = httpx.get(metrics_url, timeout=10).text.splitlines()
                 return any(line.startswith("trident_router_live_workers{") and 'pool="prefill"' in line
                            and line.endswith(" 2") for line in lines)

@@ -43,3 +43,24 @@ def test_round_robin_cycles_and_fails_without_workers() -> None:
     empty = RoundRobinSelector(WorkerDirectory("decode", probe=lambda name: False))
     with pytest.raises(WorkerUnavailable, match="no decode worker is ready"):
         empty.select("r", [1])
+
+
+def test_refresh_rescans_only_when_due() -> None:
+    ready = {"decode"}
+    probes: list[str] = []
+    clock = Clock()
+
+    def probe(name: str) -> bool:
+        probes.append(name)
+        return name in ready
+
+    directory = WorkerDirectory("decode", probe=probe, refresh_s=2.0, max_gap=1, clock=clock)
+    assert directory.workers() == ("decode",) and probes == ["decode", "decode_1"]
+    ready.add("decode_1")
+    directory.refresh()  # not due: no probe
+    assert len(probes) == 2
+    clock.now = 2.0
+    directory.refresh()
+    assert len(probes) > 2
+    count = len(probes)
+    assert directory.workers() == ("decode", "decode_1") and len(probes) == count  # fresh: cached

@@ -246,3 +246,15 @@ def test_block_pool_events_reach_the_router(router: KvRouter) -> None:
         pool.free_blocks(pool.get_new_blocks(8))  # 4 free + 4 evicted from the prompt's tail
         pub.publish(pool.take_events())
         wait_until(lambda: matches(router) == {"decode": 8})
+
+
+def test_a_subscriber_without_workers_sleeps() -> None:
+    """A pool with no worker yet (no prefill worker loaded) must not spin its thread."""
+    router = KvRouter(RouterConfig(block_size=16))
+    with KvEventSubscriber(router, poll_ms=20) as subscriber:
+        time.sleep(0.05)
+        busy = time.process_time()
+        time.sleep(0.5)
+        used = time.process_time() - busy
+        assert subscriber.status() == {}
+    assert used < 0.2, f"an idle subscriber used {used:.2f} s of CPU in 0.5 s"
