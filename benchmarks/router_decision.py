@@ -30,14 +30,14 @@ import time
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.router import KvRouter
 from trident.core.names import replica_names
 from trident.core.stats import percentile
 
 
 def build_router(args: argparse.Namespace, rng: random.Random) -> tuple[KvRouter, list[list[int]]]:
-    config = RouterConfig(
+    config = RoutingConfig(
         policy=args.policy,
         block_size=args.block_size,
         kv_events=not args.approximate,

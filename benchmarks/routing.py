@@ -156,7 +156,7 @@ def pool_blocks(args: argparse.Namespace, requests: list[Request]) -> int:
 def run_policy(args: argparse.Namespace, policy: str, requests: list[Request], num_blocks: int) -> dict[str, Any]:
     os.environ["TRIDENT_NUM_BLOCKS"] = str(num_blocks)  # the engines read it (TorchEngineConfig)
     os.environ["TRIDENT_MAX_NUM_BATCHED_TOKENS"] = str(args.step_tokens)
-    os.environ["TRIDENT_ROUTER_OVERLAP_WEIGHT"] = str(args.overlap_weight)  # the router reads it (RouterConfig)
+    os.environ["TRIDENT_ROUTER_OVERLAP_WEIGHT"] = str(args.overlap_weight)  # the router reads it (RoutingConfig)
     with tempfile.TemporaryDirectory(prefix="trident-routing-") as tmp:
         config = ServeConfig(
             http_port=0, grpc_port=0, metrics_port=0, decode=args.workers, num_threads=1,

@@ -106,9 +106,6 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.free_queue.num_free
 
-    def get_usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks
-
     def get_cached_block(self, block_hash: int, token_ids: Sequence[int]) -> Block | None:
         block = self.cached.get(block_hash)
         if block is None or block.token_ids != tuple(token_ids):

@@ -1,5 +1,4 @@
 """Engine plugins behind one interface (`plugins.base.Engine`).
 
-- `plugins.torch_engine`: the reference PyTorch engine (default; CPU and CUDA).
-- `plugins.trtllm`: TensorRT-LLM adapter for NGC containers with a GPU.
+- `plugins.torch_engine`: the reference PyTorch engine (the default; CPU and CUDA).
 """

@@ -95,9 +95,8 @@ class Disaggregator:
         self.config = config.validate()
         self.prefill = prefill
         self.client = client
-        self._inflight: dict[str, int] = {}
+        self.counts = InflightCounts()
         self._announced = False
-        self._lock = threading.Lock()
 
     def route(
         self, request_id: str, decode: str, token_ids: Sequence[int], cached_tokens: int, sampling: SamplingParams
@@ -112,8 +111,7 @@ class Disaggregator:
         uncached = max(0, len(token_ids) - cached_tokens)
         if threshold <= 0 or uncached < threshold:
             return Route(decode)
-        with self._lock:
-            saturated = {w for w, n in self._inflight.items() if n >= self.config.prefill_max_inflight}
+        saturated = self.counts.at_least(self.config.prefill_max_inflight)
         try:
             selection = self.prefill.select(request_id, token_ids, exclude=saturated)
         except WorkerUnavailable as exc:
@@ -129,12 +127,27 @@ class Disaggregator:
         return f"{when} (prefill pool {pool}, at most {c.prefill_max_inflight} prefills in flight per worker)"
 
     def inflight(self) -> dict[str, int]:
-        with self._lock:
-            return {w: n for w, n in self._inflight.items() if n}
+        return self.counts.snapshot()
 
-    def _count(self, worker: str, delta: int) -> None:
+
+class InflightCounts:
+    """This router's prefills in flight per prefill worker. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, worker: str, delta: int) -> None:
         with self._lock:
-            self._inflight[worker] = max(0, self._inflight.get(worker, 0) + delta)
+            self._counts[worker] = max(0, self._counts.get(worker, 0) + delta)
+
+    def at_least(self, limit: int) -> set[str]:
+        with self._lock:
+            return {w for w, n in self._counts.items() if n >= limit}
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {w: n for w, n in self._counts.items() if n}
 
 
 class PrefillSlot:
@@ -148,12 +161,12 @@ class PrefillSlot:
         self.worker = worker
         self.request_id = request_id
         self._held = True
-        owner._count(worker, +1)
+        owner.counts.add(worker, +1)
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self.owner._count(self.worker, -1)
+            self.owner.counts.add(self.worker, -1)
             self.owner.prefill.release(self.request_id)
 
 

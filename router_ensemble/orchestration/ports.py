@@ -3,7 +3,7 @@
 The orchestration (`orchestrator`, `disagg`) is pure: it reaches workers through a
 `WorkerClient` and picks them through a `WorkerSelector`. Inside Triton the router model's
 edge (`router_ensemble.triton`) provides both: BLS calls watched for workers that vanish,
-and KV-aware selection per pool (`KvRouting`). Tests and in-process tools use
+and KV-aware selection per pool (`kv_routing.PoolRouting`). Tests and in-process tools use
 `local_client.EngineWorkerClient` and `routing.directory.RoundRobinSelector`.
 """
 

@@ -18,7 +18,7 @@ ENV_PREFIX = "TRIDENT_ROUTER_"
 
 
 @dataclass(frozen=True, slots=True)
-class RouterConfig:
+class RoutingConfig:
     """KV-aware routing settings, read once by the router model at start (`from_mapping`)."""
 
     policy: str = "kv"  # kv | round_robin | random | least_loaded
@@ -33,7 +33,7 @@ class RouterConfig:
     pending_grace_s: float = 0.1  # a load report this much newer than an assignment covers it
     pending_max_age_s: float = 5.0  # forget pending assignments after this long regardless
 
-    def validate(self) -> RouterConfig:
+    def validate(self) -> RoutingConfig:
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"policy: unknown routing policy {self.policy!r}; expected one of {', '.join(POLICIES)}"
@@ -59,5 +59,5 @@ class RouterConfig:
     @classmethod
     def from_mapping(
         cls, params: Mapping[str, str], env: Mapping[str, str] | None = None
-    ) -> RouterConfig:
+    ) -> RoutingConfig:
         return load_settings(cls, params, env, ENV_PREFIX)

@@ -16,7 +16,7 @@ from trident.core.stats import percentile
 PHASES = ("hashing", "lookup", "schedule", "total")
 
 
-class RouterMetrics:
+class RoutingMetrics:
     """Thread-safe counters. `KvRouter.decide` records on request threads; exporters
     (the router model's metrics, benchmarks, tests) read `snapshot()`."""
 

@@ -27,11 +27,11 @@ from kv_manager.events import KVEvent
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
 from router_ensemble.orchestration.ports import Selection
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.index import KvIndex
 from router_ensemble.routing.load import LoadTable
-from router_ensemble.routing.metrics import RouterMetrics
+from router_ensemble.routing.metrics import RoutingMetrics
 from router_ensemble.routing.policies import Candidate, make_policy
 from trident.core.errors import ValidationError, WorkerUnavailable
 
@@ -75,9 +75,9 @@ class KvRouter:
     """
 
     def __init__(
-        self, config: RouterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+        self, config: RoutingConfig | None = None, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.config = (config or RouterConfig()).validate()
+        self.config = (config or RoutingConfig()).validate()
         cfg = self.config
         self.block_size = cfg.block_size
         self.approximate = not cfg.kv_events
@@ -88,7 +88,7 @@ class KvRouter:
             max_age_s=cfg.pending_max_age_s,
             clock=clock,
         )
-        self.metrics = RouterMetrics()
+        self.metrics = RoutingMetrics()
         self.policy = make_policy(
             cfg.policy,
             overlap_weight=cfg.overlap_weight,

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from router_ensemble.orchestration.ports import WorkerClient
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.router import Decision, KvRouter, KvSelector
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
@@ -49,7 +49,7 @@ class PoolRouting:
     def __init__(
         self,
         directory: WorkerDirectory,
-        config: RouterConfig,
+        config: RoutingConfig,
         socket_dir: Path,
         *,
         on_decision: Callable[[Decision], None] | None = None,

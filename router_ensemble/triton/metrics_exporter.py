@@ -16,7 +16,7 @@ pool it routes, `decode` or `prefill`):
 
 Request threads append decisions to a deque (`observe`); `flush()` runs on a request thread
 once its final response is out (`RouterModel`, one flush at a time) and turns
-counters of `RouterMetrics` into increments. Each metric update is an IPC call to the server,
+counters of `RoutingMetrics` into increments. Each metric update is an IPC call to the server,
 so none is made while a decision is being taken.
 """
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DECISION_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2]
 PHASES = ("hashing", "lookup", "schedule", "total")
-_COUNTERS = {  # family -> (RouterMetrics snapshot key, description)
+_COUNTERS = {  # family -> (RoutingMetrics snapshot key, description)
     "trident_router_prompt_blocks_total": ("prompt_blocks", "Full prompt blocks of routed requests"),
     "trident_router_overlap_blocks_total": ("overlap_blocks", "Prompt blocks the chosen worker held, per the index"),
     "trident_router_prompt_tokens_total": ("served_prompt_tokens", "Prompt tokens of finished requests"),

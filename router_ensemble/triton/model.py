@@ -23,7 +23,7 @@ from typing import Any
 
 from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator
 from router_ensemble.orchestration.orchestrator import Orchestrator
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.text.tokenizer import load_tokenizer
 from router_ensemble.triton.bls_client import BlsWorkerClient, release_retired
@@ -74,17 +74,17 @@ def _env_key(key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
     """Everything the router model reads from its parameters and the environment, parsed once:
-    its own keys, the routing policy (`RouterConfig`, both pools) and disaggregation."""
+    its own keys, the routing policy (`RoutingConfig`, both pools) and disaggregation."""
 
     model: RouterModelConfig
-    routing: RouterConfig
+    routing: RoutingConfig
     disagg: DisaggConfig
 
     @classmethod
     def from_params(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterSettings:
         return cls(
             load_settings(RouterModelConfig, params, env, env_key=_env_key),
-            RouterConfig.from_mapping(params, env),
+            RoutingConfig.from_mapping(params, env),
             DisaggConfig.from_mapping(params, env),
         )
 

@@ -2,7 +2,7 @@
 parameters (strings) and `TRIDENT_*` environment variables with the same key names.
 
 Used by the engine (`TorchEngineConfig`), the worker's event publishing
-(`WorkerEventsConfig`), the router (`RouterModelConfig`, `RouterConfig`, `DisaggConfig`) and
+(`WorkerEventsConfig`), the router (`RouterModelConfig`, `RoutingConfig`, `DisaggConfig`) and
 `trident serve` (`ServeConfig`). A parameter that is missing, empty or an unexpanded
 `${...}` counts as unset, so a template config.pbtxt works as is. A value that does not
 parse raises `ConfigError` naming the key.

@@ -15,7 +15,7 @@ from plugins.torch_engine.engine import TorchEngine
 from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator
 from router_ensemble.orchestration.local_client import EngineWorkerClient
 from router_ensemble.orchestration.orchestrator import Orchestrator
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import RoundRobinSelector, WorkerDirectory
 from router_ensemble.routing.router import KvRouter, KvSelector
 from router_ensemble.text.tokenizer import load_tokenizer
@@ -136,7 +136,7 @@ def test_short_prompts_and_disabled_threshold_stay_local(tokenizer, engines) -> 
 
 
 def test_kv_router_overlap_counts_as_cached(tokenizer, engines) -> None:
-    router = KvRouter(RouterConfig(block_size=BLOCK, kv_events=False))  # approximate: assume cached
+    router = KvRouter(RoutingConfig(block_size=BLOCK, kv_events=False))  # approximate: assume cached
     router.add_worker("decode")
     selector = KvSelector(router, WorkerDirectory("decode", fixed=("decode",)))
     first = selector.select("r0", PROMPTS[1])

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.load import WorkerLoad
 from router_ensemble.routing.policies import (
     Candidate,
@@ -113,7 +113,7 @@ def test_make_policy() -> None:
 
 
 def test_router_config_from_mapping() -> None:
-    cfg = RouterConfig.from_mapping(
+    cfg = RoutingConfig.from_mapping(
         {
             "policy": "least_loaded",
             "overlap_weight": "2.5",
@@ -125,8 +125,8 @@ def test_router_config_from_mapping() -> None:
     assert cfg.policy == "random" and cfg.overlap_weight == 2.5 and not cfg.kv_events
     assert cfg.block_size == 32 and cfg.rng_seed is None
     with pytest.raises(ConfigError, match="policy"):
-        RouterConfig.from_mapping({"policy": "nearest"}, env={})
+        RoutingConfig.from_mapping({"policy": "nearest"}, env={})
     with pytest.raises(ConfigError, match="block_size"):
-        RouterConfig.from_mapping({"block_size": "sixteen"}, env={})
+        RoutingConfig.from_mapping({"block_size": "sixteen"}, env={})
     with pytest.raises(ConfigError, match="worker_timeout_s"):
-        RouterConfig.from_mapping({"worker_timeout_s": "0"}, env={})
+        RoutingConfig.from_mapping({"worker_timeout_s": "0"}, env={})

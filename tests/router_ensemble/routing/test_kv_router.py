@@ -9,7 +9,7 @@ import pytest
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.router import KvRouter, KvSelector
 from trident.core.errors import ValidationError, WorkerUnavailable
@@ -30,7 +30,7 @@ class FakeClock:
 def make_router(
     workers=("decode", "decode_1", "decode_2", "decode_3"), clock=None, **cfg
 ) -> KvRouter:
-    config = RouterConfig(block_size=BS, seed=0, **cfg)
+    config = RoutingConfig(block_size=BS, seed=0, **cfg)
     router = KvRouter(config, clock=clock) if clock else KvRouter(config)
     for w in workers:
         router.add_worker(w)

@@ -14,7 +14,7 @@ from kv_manager.block_pool import BlockPool
 from kv_manager.events import BlockRemoved, BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.publisher import KVEventPublisher
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.router import KvRouter
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
 from tests.waiting import wait_until
@@ -74,7 +74,7 @@ def no_thread_left() -> Iterator[None]:
 
 @pytest.fixture
 def router() -> KvRouter:
-    return KvRouter(RouterConfig(block_size=BS, seed=0, worker_timeout_s=0.6, resync_timeout_s=0.5))
+    return KvRouter(RoutingConfig(block_size=BS, seed=0, worker_timeout_s=0.6, resync_timeout_s=0.5))
 
 
 def matches(router: KvRouter) -> dict[str, int]:
@@ -250,7 +250,7 @@ def test_block_pool_events_reach_the_router(router: KvRouter) -> None:
 
 def test_a_subscriber_without_workers_sleeps() -> None:
     """A pool with no worker yet (no prefill worker loaded) must not spin its thread."""
-    router = KvRouter(RouterConfig(block_size=16))
+    router = KvRouter(RoutingConfig(block_size=16))
     with KvEventSubscriber(router, poll_ms=20) as subscriber:
         time.sleep(0.05)
         busy = time.process_time()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kv_manager.hashing import hash_blocks
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.router import KvRouter
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
 from tests.waiting import wait_until
@@ -36,7 +36,7 @@ def test_vllm_publisher_process_feeds_the_index() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    router = KvRouter(RouterConfig(block_size=BS, seed=0))
+    router = KvRouter(RoutingConfig(block_size=BS, seed=0))
     router.add_worker("decode")  # a Trident worker with nothing cached
     sub = KvEventSubscriber(router).start()
     try:

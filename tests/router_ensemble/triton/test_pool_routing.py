@@ -12,7 +12,7 @@ import pytest
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.publisher import KVEventPublisher
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.triton.kv_routing import PoolRouting
 from router_ensemble.triton.watched_client import WatchedWorkerClient
@@ -34,7 +34,7 @@ def ready() -> set[str]:
 @pytest.fixture
 def routing(tmp_path: Path, ready: set[str]) -> Iterator[PoolRouting]:
     directory = WorkerDirectory("decode", probe=lambda name: name in ready, refresh_s=0.0)
-    config = RouterConfig(block_size=BS, seed=0, worker_timeout_s=0.5)
+    config = RoutingConfig(block_size=BS, seed=0, worker_timeout_s=0.5)
     kv = PoolRouting(directory, config, tmp_path).start()
     yield kv
     kv.close()

@@ -11,7 +11,7 @@ import torch
 from kv_manager.hashing import hash_blocks
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
-from router_ensemble.routing.config import RouterConfig
+from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.router import KvRouter
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
 from tests.waiting import wait_until
@@ -97,7 +97,7 @@ def test_engine_events_reach_the_router(tiny_model_dir: str, tmp_path: Path) -> 
         TorchEngineConfig(model=tiny_model_dir, dtype="float32", block_size=BS, num_blocks=64, num_threads=1)
     )
     engine.start()
-    router = KvRouter(RouterConfig(block_size=BS, seed=0, worker_timeout_s=2.0))
+    router = KvRouter(RoutingConfig(block_size=BS, seed=0, worker_timeout_s=2.0))
     endpoint = events_endpoint("decode_1", tmp_path)
     events = WorkerEvents("decode_1", WorkerEventsConfig(kv_load_report_ms=100.0), endpoint=endpoint)
     try:
