@@ -132,16 +132,5 @@ class RoundRobinSelector:
     def record_served(self, worker: str, prompt_tokens: int, cached_tokens: int) -> None:
         return None
 
-    def refresh(self) -> None:
-        """Re-scan now if the list is older than `refresh_s`. The router model calls it after
-        each request's final response, so under load requests find the list fresh and do not
-        wait for probes themselves."""
-        if self.fixed or self.probe is None:
-            return
-        with self._lock:
-            due = self.clock() - self._checked >= self.refresh_s
-        if due:
-            self.workers()
-
     def is_gone(self, worker: str) -> bool:
         return self.directory.is_gone(worker)
