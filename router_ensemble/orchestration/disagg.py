@@ -96,6 +96,7 @@ class Disaggregator:
         self.prefill = prefill
         self.client = client
         self.counts = InflightCounts()
+        self._select_lock = threading.Lock()
         self._announced = False
 
     def route(
@@ -111,13 +112,14 @@ class Disaggregator:
         uncached = max(0, len(token_ids) - cached_tokens)
         if threshold <= 0 or uncached < threshold:
             return Route(decode)
-        saturated = self.counts.at_least(self.config.prefill_max_inflight)
-        try:
-            selection = self.prefill.select(request_id, token_ids, exclude=saturated)
-        except WorkerUnavailable as exc:
-            logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, exc, decode)
-            return Route(decode)
-        slot = PrefillSlot(self, selection.worker, request_id)
+        with self._select_lock:  # the check and the claim together: the limit holds under load
+            saturated = self.counts.at_least(self.config.prefill_max_inflight)
+            try:
+                selection = self.prefill.select(request_id, token_ids, exclude=saturated)
+            except WorkerUnavailable as exc:
+                logger.debug("request_id=%s: %d uncached tokens but %s; prefilling on %s", request_id, uncached, exc, decode)
+                return Route(decode)
+            slot = PrefillSlot(self, selection.worker, request_id)
         return Route(decode, slot, prefill_only=sampling.max_tokens == 1)
 
     def describe(self) -> str:

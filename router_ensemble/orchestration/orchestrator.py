@@ -145,9 +145,9 @@ class Orchestrator:
             "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; tokenize %.1f ms, select %.1f ms)",
             request_id, request.request_id, route.label, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
         )
-        state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
-        generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
         try:
+            state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
+            generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
             reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
         finally:
             route.close()

@@ -164,6 +164,8 @@ class RouterModel:
             self.exporter.flush()
             for routing in self.pools.values():
                 routing.directory.refresh()
+        except Exception:  # the response is out; this must never fail the request thread
+            logger.exception("router %s: metrics flush or worker re-probe failed", self.name)
         finally:
             self._flush_lock.release()
 

@@ -266,3 +266,34 @@ def test_config_reads_parameters_and_environment() -> None:
     pool = RoundRobinSelector(WorkerDirectory("prefill", fixed=("prefill_2",)))
     route = Disaggregator(DisaggConfig(disagg_threshold=1), pool).route("x", "decode_1", (1, 2), 0, SamplingParams())
     assert route.label == "prefill_2>decode_1"
+
+
+def test_the_inflight_limit_holds_under_concurrent_routing() -> None:
+    """Threads routing at once never put more than `prefill_max_inflight` on one worker, even
+    when the selector takes its time (as the KV selector's decision does)."""
+
+    class SlowSelector(RoundRobinSelector):
+        def select(self, request_id, token_ids, exclude=()):  # type: ignore[no-untyped-def]
+            time.sleep(0.02)
+            return super().select(request_id, token_ids, exclude)
+
+    disagg = Disaggregator(DisaggConfig(disagg_threshold=10, prefill_max_inflight=2),
+                           SlowSelector(WorkerDirectory("prefill", fixed=("prefill", "prefill_1"))))
+    prompt, sp = tuple(range(50)), SamplingParams(max_tokens=4)
+    barrier = threading.Barrier(8)
+    routes = []
+
+    def route(i: int) -> None:
+        barrier.wait()
+        routes.append(disagg.route(f"r{i}", "decode", prompt, 0, sp))
+
+    threads = [threading.Thread(target=route, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert all(n <= 2 for n in disagg.inflight().values()), disagg.inflight()
+    assert sorted(r.label for r in routes).count("decode") == 4
+    for r in routes:
+        r.close()
+    assert disagg.inflight() == {}
