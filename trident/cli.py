@@ -1,7 +1,9 @@
 """The `trident` command. `trident serve` starts tritonserver on the model repository.
 
 Flags of every subcommand also read `TRIDENT_*` environment variables (see
-`trident.serve_config`). Output for people goes to stderr through `logging`.
+`trident.serve_config`). Output for people goes to stderr through `logging`. The OpenAI
+frontend runs as its own process (`python -m frontend`), started and stopped here; its keys
+travel in its environment, never on its command line.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from types import FrameType
 
-from frontend.args import FrontendConfig
-from frontend.main import BackgroundFrontend, serve_in_thread
 from trident.core.errors import TridentError
-from trident.launcher import Endpoints, Launcher
+from trident.launcher import Endpoints, Launcher, free_port
 from trident.serve_config import ServeConfig, build_parser
 
 logger = logging.getLogger("trident")
@@ -75,22 +79,56 @@ def serve_command(config: ServeConfig) -> int:
             signal.signal(sig, handler)
 
 
-def start_frontend(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> BackgroundFrontend | None:
-    """The OpenAI-compatible frontend, in this process, talking to the router over gRPC."""
+class FrontendProcess:
+    """The OpenAI frontend as a child process; `stop()` ends it (safe to call twice)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], base_url: str) -> None:
+        self.proc = proc
+        self.base_url = base_url
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once the frontend answers HTTP (any status: /health is 503 until a worker is)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TridentError(f"the OpenAI frontend exited with code {self.proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{self.base_url}/health", timeout=1).close()
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TridentError(f"the OpenAI frontend did not answer at {self.base_url} within {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_frontend(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> FrontendProcess | None:
+    """The OpenAI-compatible frontend, talking to the router over gRPC."""
     if config.openai_port < 0:
         return None
-    fe_config = FrontendConfig(
-        host=config.host,
-        port=config.openai_port,
-        triton_url=ep.grpc_url,
-        api_key=config.api_key or None,
-        triton_admin_key=launcher.key,
-        log_level=config.log_level,
-    ).validate()
-    return serve_in_thread(fe_config)
+    port = config.openai_port or free_port(config.host)
+    argv = [sys.executable, "-m", "frontend", "--host", config.host, "--port", str(port),
+            "--triton-url", ep.grpc_url, "--log-level", config.log_level]
+    env = {**os.environ, "TRIDENT_FRONTEND_API_KEY": config.api_key, "TRIDENT_FRONTEND_TRITON_ADMIN_KEY": launcher.key}
+    frontend = FrontendProcess(subprocess.Popen(argv, env=env), f"http://{config.host}:{port}")
+    try:
+        frontend.wait_ready(config.startup_timeout_s)
+    except BaseException:
+        frontend.stop()
+        raise
+    return frontend
 
 
-def usage(ep: Endpoints, launcher: Launcher, frontend: BackgroundFrontend | None = None) -> str:
+def usage(ep: Endpoints, launcher: Launcher, frontend: FrontendProcess | None = None) -> str:
     workers = ", ".join(launcher.decode_models)
     if launcher.prefill_models:
         workers += "; prefill workers: " + ", ".join(launcher.prefill_models)

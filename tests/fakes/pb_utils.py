@@ -1,6 +1,6 @@
 """A small fake of `triton_python_backend_utils`, for unit tests of our Triton edges.
 
-It has what `router_ensemble.triton` and `trident.worker` call, with the same names and
+It has what `router_ensemble.triton` and `plugins.triton` call, with the same names and
 shapes: tensors, responses, errors, decoupled response senders, BLS requests, metric
 families and the logger. A `FakeServer` holds the "loaded models": BLS calls to a model go
 to its handler, a callable `(FakeRequest) -> None` that answers through the request's
@@ -179,7 +179,7 @@ class FakeServer:
 
     @classmethod
     def serve_worker(cls, name: str, worker: Any) -> None:
-        """Route BLS calls for `name` to a `trident.worker.model.WorkerModel`."""
+        """Route BLS calls for `name` to a `plugins.triton.model.WorkerModel`."""
         cls.handlers[name] = lambda request: worker.execute([request])
 
 

@@ -62,7 +62,7 @@ def test_engine_on_cuda_matches_transformers(tiny_model_dir, dtype):
 
 def test_kind_gpu_instance_runs_on_its_device(tiny_model_dir):
     """What the decode model does for a KIND_GPU instance: `model_instance_device_id` picks the GPU."""
-    from trident.worker.engines import build_engine
+    from plugins.triton.engines import build_engine
 
     device_id = torch.cuda.device_count() - 1
     args = {"model_instance_kind": "GPU", "model_instance_device_id": str(device_id)}

@@ -1,6 +1,6 @@
 """Where workers publish KV events: one private directory of ipc:// sockets per server.
 
-Workers (`trident.worker.events`) bind and the router (`router_ensemble.triton.kv_routing`)
+Workers (`plugins.triton.events`) bind and the router (`router_ensemble.triton.kv_routing`)
 connects to `ipc://<dir>/<worker model name>.kv` (plus `<...>.kv-resync` for resync
 requests), so the router finds a worker's stream from its model name alone, and no TCP port
 is opened. The directory is, in order:

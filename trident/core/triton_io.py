@@ -2,7 +2,7 @@
 
 Each takes the `triton_python_backend_utils` module as `pb` (the model passes in the one
 its stub provides), so this module imports nothing of Triton: the edges built on it
-(`router_ensemble.triton`, `trident.worker`) run in unit tests with a small fake.
+(`router_ensemble.triton`, `plugins.triton`) run in unit tests with a small fake.
 """
 
 from __future__ import annotations

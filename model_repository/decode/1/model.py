@@ -1,4 +1,4 @@
-"""Decode worker model: thin glue over `trident.worker.model.WorkerModel`.
+"""Decode worker model: thin glue over `plugins.triton.model.WorkerModel`.
 
 A decode worker streams tokens; given a `kv_descriptor` it first pulls the prompt's KV from
 the prefill worker that computed it. The I/O contract is `trident.core.contract.WORKER_*`.
@@ -26,7 +26,7 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from trident.worker.model import worker_from_args
+        from plugins.triton.model import worker_from_args
 
         self.worker = worker_from_args(pb_utils, args)
 

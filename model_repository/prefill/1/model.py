@@ -1,4 +1,4 @@
-"""Prefill worker model: the same glue as `decode` (`trident.worker.model.WorkerModel`).
+"""Prefill worker model: the same glue as `decode` (`plugins.triton.model.WorkerModel`).
 
 Its config makes the engine's KV pool shareable: the router sends it `hold_kv` requests and
 gets the first token plus a `kv_descriptor` whose blocks stay leased until a decode worker
@@ -27,7 +27,7 @@ def _add_trident_root(args: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _add_trident_root(args)
-        from trident.worker.model import worker_from_args
+        from plugins.triton.model import worker_from_args
 
         self.worker = worker_from_args(pb_utils, args)
 

@@ -14,13 +14,13 @@ import pytest
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
+from plugins.triton.events import WorkerEvents
+from plugins.triton.metrics import WorkerMetrics
+from plugins.triton.model import WorkerModel
 from router_ensemble.triton.model import RouterModel
 from tests.fakes import pb_utils as pb
 from tests.waiting import wait_until
 from trident.core.types import GenerateRequest, SamplingParams
-from trident.worker.events import WorkerEvents
-from trident.worker.metrics import WorkerMetrics
-from trident.worker.model import WorkerModel
 
 PROMPT = list(range(3, 60))
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plugins.base import Engine
+from plugins.triton.engines import build_engine
+from plugins.triton.events import WorkerEvents
+from plugins.triton.metrics import WorkerMetrics
 from trident.core.errors import TridentError, ValidationError
 from trident.core.settings import model_parameters
 from trident.core.triton_io import (
@@ -42,9 +45,6 @@ from trident.core.worker_io import (
     encode_chunk_outputs,
     parse_generate_inputs,
 )
-from trident.worker.engines import build_engine
-from trident.worker.events import WorkerEvents
-from trident.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class WorkerModel:
         self.name = name
         self.engine = engine
         self.metrics = metrics
-        self.events = events  # KV events + load for the router (trident.worker.events)
+        self.events = events  # KV events + load for the router (plugins.triton.events)
         self.poll_s = poll_s
         self._inflight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ import torch
 from kv_manager.hashing import hash_blocks
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
+from plugins.triton.events import WorkerEvents, WorkerEventsConfig
 from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.router import KvRouter
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
@@ -19,7 +20,6 @@ from trident.core.endpoints import EVENTS_DIR_ENV, events_dir, events_endpoint, 
 from trident.core.errors import ConfigError
 from trident.core.types import GenerateRequest, SamplingParams
 from trident.serve_config import ServeConfig
-from trident.worker.events import WorkerEvents, WorkerEventsConfig
 
 BS = 4
 

@@ -6,7 +6,7 @@ moves `engine.take_events()` onto the wire and every `report_s` publishes `engin
 a load report (the router drops a worker whose reports stop). Binding the socket announces
 the worker; `close()` says "leave".
 
-Who calls it: `trident.worker.model.WorkerModel.start()` calls `start(engine)` once the engine
+Who calls it: `plugins.triton.model.WorkerModel.start()` calls `start(engine)` once the engine
 runs; `WorkerModel.shutdown()` calls `close()` before stopping the engine, so the router
 stops choosing the worker first. The engine owns its blocks; this class only reads events
 and stats (both thread-safe engine calls).
