@@ -9,6 +9,7 @@ travel in its environment, never on its command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -29,11 +30,17 @@ logger = logging.getLogger("trident")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trident", description="Disaggregated, KV-aware LLM serving on Triton")
+    parser = argparse.ArgumentParser(prog="trident", description="Disaggregated, KV-aware LLM serving on Triton",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start tritonserver with the router, decode and prefill workers")
+    serve = sub.add_parser("serve", help="start tritonserver with the router, decode and prefill workers",
+                           allow_abbrev=False)
     build_parser(serve)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    sub.add_parser("plan", help="run the planner against a running server (`trident plan --help`)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # the planner parses its own flags (planner.config)
+        return subprocess.call([sys.executable, "-m", "planner", *argv[1:]])
+    args = parser.parse_args(argv)
     if args.command == "serve":
         try:
             config = ServeConfig.from_namespace(args, os.environ)
@@ -56,15 +63,21 @@ def serve_command(config: ServeConfig) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     launcher = Launcher(config, progress=logger.info)
-    frontend = None
+    frontend = planner = None
     try:
         endpoints = launcher.start()
+        if config.admin_key_file:
+            write_secret(config.admin_key_file, launcher.key)
         frontend = start_frontend(config, endpoints, launcher)
+        planner = start_planner(config, endpoints, launcher)
         logger.info(usage(endpoints, launcher, frontend))
         while not stop.wait(0.5):
             if not launcher.is_running():
                 logger.error("tritonserver exited unexpectedly (log: %s)", launcher.log_path)
                 return 1
+            if planner is not None and planner.poll() is not None:
+                logger.error("the planner exited with code %s; serving on without it", planner.returncode)
+                planner = None
         return 0
     except TridentError as exc:
         logger.error("%s", exc)
@@ -72,9 +85,14 @@ def serve_command(config: ServeConfig) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if planner is not None:
+            stop_child(planner, timeout_s=30.0)
         if frontend is not None:
             frontend.stop()
         launcher.stop()
+        if config.admin_key_file:
+            with contextlib.suppress(OSError):
+                os.unlink(config.admin_key_file)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -102,13 +120,52 @@ class FrontendProcess:
         raise TridentError(f"the OpenAI frontend did not answer at {self.base_url} within {timeout_s:.0f}s")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, timeout_s)
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`. Safe to call twice."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_secret(path: str, value: str) -> None:
+    """Write `value` to a new 0600 file (an existing one is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+
+
+def start_planner(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> subprocess.Popen[bytes] | None:
+    """`python -m planner` against this server, with its key and run directory in its
+    environment; its other settings come from the user's `TRIDENT_PLANNER_*` variables."""
+    if not config.planner:
+        return None
+    env = {
+        **os.environ,
+        "TRIDENT_PLANNER_URL": ep.http_url,
+        "TRIDENT_PLANNER_METRICS_URL": ep.metrics_url,
+        "TRIDENT_PLANNER_ADMIN_KEY": launcher.key,
+        "TRIDENT_PLANNER_MODEL_REPOSITORY": str(launcher.repository),
+        "TRIDENT_PLANNER_LOG_LEVEL": config.log_level,
+    }
+    if launcher.kv_events_dir is not None:
+        env["TRIDENT_PLANNER_RUN_DIR"] = str(launcher.kv_events_dir)
+    if config.device.startswith("cuda"):
+        env.setdefault("TRIDENT_PLANNER_DEVICE", "cuda")
+    if config.prefill > 0:  # size the prefill pool too, from the count it started with
+        env.setdefault("TRIDENT_PLANNER_MIN_PREFILL", "1")
+        env.setdefault("TRIDENT_PLANNER_MAX_PREFILL", str(max(config.prefill, 4)))
+    proc = subprocess.Popen([sys.executable, "-m", "planner"], env=env)
+    logger.info("started the planner (pid %d)", proc.pid)
+    return proc
 
 
 def start_frontend(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> FrontendProcess | None:

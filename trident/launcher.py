@@ -40,7 +40,7 @@ from pathlib import Path
 from trident.core.endpoints import EVENTS_DIR_ENV
 from trident.core.errors import ConfigError, ModelLoadError, TridentError
 from trident.core.names import ADMIN_KEY_HEADER, replica_names
-from trident.model_control import ModelControl, replica_load_args
+from trident.model_control import ModelControl, load_replica
 from trident.serve_config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -369,32 +369,21 @@ class Launcher:
         gpus = gpu_count() if cuda else 0
         jobs: dict[str, Callable[[], None]] = {}
         for i, name in enumerate(names):
-            jobs[name] = self._load_job(name, gpu=(i % gpus) if cuda else None, replica=i > 0)
+            jobs[name] = self._load_job(name, gpu=(i % gpus) if cuda else None)
         for i, name in enumerate(prefills):  # after the decode workers on the GPUs
             gpu = ((len(names) + i) % gpus) if cuda else None
-            jobs[name] = self._load_job(name, gpu=gpu, replica=i > 0, pool="prefill")
+            jobs[name] = self._load_job(name, gpu=gpu, pool="prefill")
         jobs["router"] = lambda: self.control.load("router")  # type: ignore[union-attr]
         self.decode_models = names
         self.prefill_models = prefills
         self._run_jobs(jobs)
 
-    def _load_job(self, name: str, gpu: int | None, replica: bool, pool: str = "decode") -> Callable[[], None]:
+    def _load_job(self, name: str, gpu: int | None, pool: str = "decode") -> Callable[[], None]:
         template = str(self.repository / pool)
         control = self.control
         assert control is not None
-
-        def job() -> None:
-            if not replica and gpu is None:
-                control.load(name)
-                return
-            params = {"trident_root": str(REPO_ROOT)}
-            config, files = replica_load_args(template, name, gpu=gpu, parameters=params)
-            if not replica:
-                control.load(name, config=config)
-            else:
-                control.load(name, config=config, files=files)
-
-        return job
+        params = {"trident_root": str(REPO_ROOT)}
+        return lambda: load_replica(control, template, name, gpu=gpu, parameters=params)
 
     def _run_jobs(self, jobs: dict[str, Callable[[], None]]) -> None:
         errors: dict[str, BaseException] = {}

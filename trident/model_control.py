@@ -144,6 +144,33 @@ def replica_load_args(
     return config, files
 
 
+def load_replica(
+    control: ModelControl,
+    template_dir: str,
+    name: str,
+    *,
+    gpu: int | None = None,
+    parameters: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Load worker `name` of the pool whose template is `template_dir`; blocks until ready.
+
+    The template itself (`name` == the directory's name) loads from the repository, with a
+    config override only when it must be pinned to a GPU; a replica gets the template's
+    config renamed plus its code as `file:` overrides (`replica_load_args`). The launcher
+    and the planner's Triton connector call it.
+    """
+    if name == os.path.basename(os.path.normpath(template_dir)):
+        if gpu is None:
+            control.load(name, timeout_s=timeout_s)
+        else:
+            config, _ = replica_load_args(template_dir, name, gpu=gpu, parameters=parameters)
+            control.load(name, config=config, timeout_s=timeout_s)
+        return
+    config, files = replica_load_args(template_dir, name, gpu=gpu, parameters=parameters)
+    control.load(name, config=config, files=files, timeout_s=timeout_s)
+
+
 def _error_text(text: str) -> str:
     try:
         return str(json.loads(text).get("error", text))

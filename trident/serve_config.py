@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass
 
 from trident.core.errors import ConfigError
-from trident.core.settings import coerce
+from trident.core.flags import add_flags, from_namespace
 
 ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,6 +45,8 @@ _HELP = {
     "server_log": "file for tritonserver's own log ('' = a file in the run directory, '-' = this terminal)",
     "openai_port": "port of the OpenAI-compatible frontend (-1 = do not start it, 0 = a free port)",
     "api_key": "Bearer token the OpenAI frontend requires ('' = none)",
+    "planner": "also run the planner (`python -m planner`; its settings: TRIDENT_PLANNER_* variables)",
+    "admin_key_file": "write the model-repository key to this file (0600) for a planner run separately ('' = do not)",
 }
 
 
@@ -72,6 +74,8 @@ class ServeConfig:
     server_log: str = ""
     openai_port: int = 9000
     api_key: str = ""
+    planner: bool = False
+    admin_key_file: str = ""
 
     def validate(self) -> ServeConfig:
         """Return self, or raise `ConfigError` naming the first bad field."""
@@ -133,33 +137,14 @@ class ServeConfig:
     def from_args(cls, argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServeConfig:
         """Parse `trident serve` flags; unset flags fall back to `TRIDENT_*`, then defaults."""
         env = os.environ if env is None else env
-        args = build_parser(argparse.ArgumentParser(prog="trident serve")).parse_args(list(argv))
+        args = build_parser(argparse.ArgumentParser(prog="trident serve", allow_abbrev=False)).parse_args(list(argv))
         return cls.from_namespace(args, env)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfig:
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = getattr(args, f.name, None)
-            if raw is None:
-                raw = env.get(ENV_PREFIX + f.name.upper())
-                if raw is None or raw.strip() == "":
-                    continue
-            values[f.name] = coerce(f.name, f.type, raw)
-        return replace(cls(), **values).validate()
+        return from_namespace(cls, args, env, ENV_PREFIX)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one flag per `ServeConfig` field (default None: the environment decides)."""
-    for f in fields(ServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        env_name = ENV_PREFIX + f.name.upper()
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            default=None,
-            metavar=str(f.type).upper() if str(f.type) != "str" else "STR",
-            help=f"{_HELP[f.name]} [env {env_name}, default {default!r}]",
-        )
-    return parser
+    return add_flags(parser, ServeConfig, _HELP, ENV_PREFIX)

@@ -30,6 +30,9 @@ _FAMILIES = {
     "trident_kv_blocks_total": ("GAUGE", "KV cache blocks in the worker's pool"),
     "trident_requests_running": ("GAUGE", "Requests being decoded"),
     "trident_requests_waiting": ("GAUGE", "Requests queued in the engine"),
+    "trident_requests_inflight": ("GAUGE", "Requests the worker model holds (accepted, final response not yet sent)"),
+    "trident_prefill_tokens_active": ("GAUGE", "Prompt tokens admitted but not yet prefilled"),
+    "trident_kv_blocks_held": ("GAUGE", "KV blocks leased to a decode worker's pull (prefill workers)"),
 }
 _BUCKETS = {
     "trident_time_to_first_token_seconds": TTFT_BUCKETS,
@@ -69,7 +72,9 @@ class WorkerMetrics:
         self._pending.append(("trident_generation_tokens_total", float(generated_tokens)))
 
     # poller thread
-    def flush(self, stats: EngineStats | None) -> None:
+    def flush(self, stats: EngineStats | None, inflight: int | None = None) -> None:
+        """Forward pending observations and the load gauges; `inflight`: requests the worker
+        model holds (the planner drains a worker until this and `kv_blocks_held` are 0)."""
         try:
             while self._pending:
                 name, value = self._pending.popleft()
@@ -83,6 +88,10 @@ class WorkerMetrics:
                 self._metrics["trident_kv_blocks_total"].set(float(stats.total_blocks))
                 self._metrics["trident_requests_running"].set(float(stats.running))
                 self._metrics["trident_requests_waiting"].set(float(stats.waiting))
+                self._metrics["trident_prefill_tokens_active"].set(float(stats.active_prefill_tokens))
+                self._metrics["trident_kv_blocks_held"].set(float(stats.held_blocks))
+            if inflight is not None:
+                self._metrics["trident_requests_inflight"].set(float(inflight))
         except Exception as exc:  # metrics must never take the worker down
             logger.warning("metrics flush failed: %s", exc)
 

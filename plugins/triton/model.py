@@ -229,7 +229,7 @@ class WorkerModel:
                     self.engine.abort(request_id)
             now = time.monotonic()
             if self.metrics is not None and now >= next_flush:
-                self.metrics.flush(self.engine.stats())
+                self.metrics.flush(self.engine.stats(), inflight=len(entries))
                 next_flush = now + 0.25
 
     def shutdown(self) -> None:

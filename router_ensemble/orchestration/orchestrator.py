@@ -11,7 +11,10 @@
 4. emits `RouterDelta`s: one per new piece of text when streaming, or a single one at the end
    otherwise; the last carries `finish_reason` ("stop" | "length" | "abort");
 5. polls `is_cancelled` between chunks; on cancellation or a stop string it closes the
-   worker stream, which aborts the request on the worker so its KV blocks are freed.
+   worker stream, which aborts the request on the worker so its KV blocks are freed;
+6. when the decode worker fails before the first token and its pool no longer finds it
+   ready (the planner unloaded it just after it was selected), selects another one
+   (`MAX_WORKER_RETRIES`), so a removal never fails a request the client has not seen start.
 
 Threads: `run` blocks for the life of one request and is called on one request thread per
 request; an `Orchestrator` holds no per-request state, so any number of requests run at once.
@@ -30,13 +33,14 @@ from router_ensemble.orchestration.disagg import Disaggregator, Route
 from router_ensemble.orchestration.ports import WorkerClient, WorkerSelector
 from router_ensemble.text.stop_strings import StopStringMatcher
 from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
-from trident.core.errors import EngineError, ValidationError
+from trident.core.errors import EngineError, TridentError, ValidationError
 from trident.core.router_io import RouterDelta, RouterRequest
 from trident.core.types import FINISH_ABORT, FINISH_STOP, GenerateRequest, TokenChunk
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[RouterDelta], None]
+MAX_WORKER_RETRIES = 2  # decode workers tried after the first one went away unanswered
 
 
 class _Stream:
@@ -129,11 +133,37 @@ class Orchestrator:
         Raises `TridentError` (validation or worker failure) before or during streaming; the
         caller turns it into a Triton error response.
         """
-        t0 = self.clock()
         ids = self.prompt_ids(request)
-        t1 = self.clock()
         request_id = uuid.uuid4().hex
-        selection = self.selector.select(request_id, ids)
+        exclude: tuple[str, ...] = ()
+        while True:
+            route, state = self._start(request, ids, request_id, exclude)
+            try:
+                generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
+                reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
+                break
+            except TridentError:
+                if not self._may_retry(route, state, exclude):
+                    raise
+                logger.info("request_id=%s: worker %s went away before answering; choosing another", request_id, route.label)
+                exclude += (route.decode,)
+            finally:
+                route.close()
+                self.selector.release(request_id)
+        state.finish()
+        if state.stopped:
+            reason = FINISH_STOP
+        final = state.take(reason)
+        route.record_served(self.selector, final.num_input_tokens, final.cached_tokens)
+        emit(final)
+        return final
+
+    def _start(
+        self, request: RouterRequest, ids: tuple[int, ...], request_id: str, exclude: tuple[str, ...]
+    ) -> tuple[Route, _Stream]:
+        """Select a decode worker (outside `exclude`) and route the request to it."""
+        t1 = self.clock()
+        selection = self.selector.select(request_id, ids, exclude)
         try:
             route = Route(selection.worker) if self.disagg is None else self.disagg.route(
                 request_id, selection.worker, ids, selection.cached_tokens, request.sampling
@@ -142,23 +172,22 @@ class Orchestrator:
             self.selector.release(request_id)
             raise
         logger.debug(
-            "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; tokenize %.1f ms, select %.1f ms)",
-            request_id, request.request_id, route.label, len(ids), (t1 - t0) * 1e3, (self.clock() - t1) * 1e3,
+            "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; select %.1f ms)",
+            request_id, request.request_id, route.label, len(ids), (self.clock() - t1) * 1e3,
         )
-        try:
-            state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
-            generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
-            reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
-        finally:
-            route.close()
-            self.selector.release(request_id)
-        state.finish()
-        if state.stopped:
-            reason = FINISH_STOP
-        final = state.take(reason)
-        route.record_served(self.selector, final.num_input_tokens, final.cached_tokens)
-        emit(final)
-        return final
+        return route, _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
+
+    def _may_retry(self, route: Route, state: _Stream, exclude: tuple[str, ...]) -> bool:
+        """A failed decode worker may be replaced while the client has seen nothing: the
+        call failed before any token and the pool no longer finds the worker ready (it was
+        unloaded between selection and the call, e.g. by the planner). At most
+        `MAX_WORKER_RETRIES` times per request."""
+        return (
+            state.total == 0
+            and len(exclude) < MAX_WORKER_RETRIES
+            and route.decode not in exclude
+            and self.selector.is_gone(route.decode)
+        )
 
     def _stream_chunks(
         self,

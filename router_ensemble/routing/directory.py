@@ -4,7 +4,8 @@
 asking the server whether each is ready (`pb_utils.is_model_ready` inside the router model),
 re-checking at most every `refresh_s`, so replicas that the launcher or the planner loads or
 unloads at run time are picked up without restarting the router. A fixed list can be given
-instead.
+instead. Workers the planner marks draining (`trident.core.draining`: `draining()` returns
+them) are left out at once, before they are unloaded, so they get no new request.
 
 Selectors implement the orchestration's `WorkerSelector` port over a directory:
 `RoundRobinSelector` here (prompts and load ignored), `router.KvSelector` (KV-aware, the
@@ -37,6 +38,7 @@ class WorkerDirectory:
         refresh_s: float = 2.0,
         max_gap: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        draining: Callable[[], Collection[str]] | None = None,
     ) -> None:
         if probe is None and not fixed:
             raise ValueError("WorkerDirectory needs a probe or a fixed list of workers")
@@ -46,12 +48,19 @@ class WorkerDirectory:
         self.refresh_s = refresh_s
         self.max_gap = max_gap
         self.clock = clock
+        self.draining = draining
         self._workers: tuple[str, ...] = self.fixed
         self._checked = float("-inf")
         self._lock = threading.Lock()
 
     def workers(self) -> tuple[str, ...]:
-        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty."""
+        """Ready workers that are not draining, in name order (`decode`, `decode_1`, ...);
+        may be empty."""
+        ready = self._ready_workers()
+        draining = self.draining() if self.draining is not None else ()
+        return tuple(w for w in ready if w not in draining) if draining else ready
+
+    def _ready_workers(self) -> tuple[str, ...]:
         if self.fixed or self.probe is None:
             return self.fixed
         with self._lock:
@@ -72,7 +81,7 @@ class WorkerDirectory:
         with self._lock:
             due = self.clock() - self._checked >= self.refresh_s
         if due:
-            self.workers()
+            self._ready_workers()
 
     def is_gone(self, worker: str) -> bool:
         """After a failed call: re-scan now; True when `worker` is no longer ready."""

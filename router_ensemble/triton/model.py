@@ -29,6 +29,7 @@ from router_ensemble.text.tokenizer import load_tokenizer
 from router_ensemble.triton.bls_client import BlsWorkerClient, release_retired
 from router_ensemble.triton.kv_routing import PoolRouting
 from router_ensemble.triton.metrics_exporter import RoutingMetricsExporter
+from trident.core.draining import DrainMarkers
 from trident.core.endpoints import events_dir
 from trident.core.errors import ConfigError, TridentError
 from trident.core.router_io import (
@@ -98,12 +99,14 @@ class RouterModel:
         self.settings = settings = RouterSettings.from_params(params)
         bls = BlsWorkerClient(pb)
         socket_dir = events_dir(params)
+        draining = DrainMarkers(socket_dir)  # the planner marks workers it is about to remove
         decode_dir = WorkerDirectory(
-            settings.model.decode_pool, probe=bls.is_model_ready, fixed=settings.model.fixed_models
+            settings.model.decode_pool, probe=bls.is_model_ready, fixed=settings.model.fixed_models, draining=draining
         )
         fixed_prefill = settings.disagg.fixed_models
         prefill_dir = WorkerDirectory(
-            settings.disagg.prefill_pool, probe=None if fixed_prefill else bls.is_model_ready, fixed=fixed_prefill
+            settings.disagg.prefill_pool, probe=None if fixed_prefill else bls.is_model_ready, fixed=fixed_prefill,
+            draining=draining,
         )
         self.pools = {
             "decode": PoolRouting(decode_dir, settings.routing, socket_dir),

@@ -219,7 +219,7 @@ def test_a_shared_prefix_goes_to_the_prefill_worker_that_cached_it(server: Launc
     prefill worker computed earlier is prefilled by that worker (the decode pool's cost:
     overlap and load), whichever of the two it is."""
     assert server.control is not None
-    load_prefill_1 = server._load_job("prefill_1", gpu=None, replica=True, pool="prefill")
+    load_prefill_1 = server._load_job("prefill_1", gpu=None, pool="prefill")
     load_prefill_1()
     _, grpc_url, metrics_url = _urls(server)
     rng = np.random.default_rng(7)

@@ -68,10 +68,16 @@ def ensure_private_dir(path: Path, field: str = EVENTS_DIR_ENV) -> Path:
     return path
 
 
+def check_worker_name(worker: str) -> str:
+    """`worker`, or `ConfigError` when it cannot name a file in the run directory."""
+    if not _NAME.fullmatch(worker):
+        raise ConfigError(f"worker: {worker!r} is not a valid model name")
+    return worker
+
+
 def events_endpoint(worker: str, directory: Path) -> str:
     """`ipc://` address of a worker's KV event stream (its resync socket adds "-resync")."""
-    if not _NAME.match(worker):
-        raise ConfigError(f"worker: {worker!r} is not a valid model name for an event socket")
+    check_worker_name(worker)
     path = str(directory / (worker + SUFFIX))
     if len(path) > _MAX_IPC_PATH:
         raise ConfigError(
