@@ -110,6 +110,8 @@ class Replay:
                 outcome.tokens = int(response.get("num_output_tokens", outcome.tokens))
         except Exception as exc:  # counted as failed, reported
             outcome.error = str(exc)[:200]
+            with contextlib.suppress(Exception):
+                self._client().close()
             self._local.client = None
             return outcome
         outcome.ttft_s = first - start
@@ -125,7 +127,17 @@ class Replay:
             for at, prompt in zip(times, prompts, strict=True):
                 time.sleep(max(0.0, t0 + at - time.monotonic()))
                 futures.append(pool.submit(self._one, Outcome(at), prompt, t0))
-            return [f.result() for f in futures]
+            results = [f.result() for f in futures]
+            for _ in range(pool._max_workers):  # close each pool thread's client
+                pool.submit(self._close_client)
+        return results
+
+    def _close_client(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+            self._local.client = None
 
 
 class WorkerClock:
@@ -145,9 +157,9 @@ class WorkerClock:
         return max(ready, self.loading)
 
     def _run(self) -> None:
-        t0 = time.monotonic()
-        while not self._stop.wait(self.every_s):
-            self.samples.append((time.monotonic() - t0, self.count()))
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.count()))
+            self._stop.wait(self.every_s)
 
     def __enter__(self) -> WorkerClock:
         self._thread.start()
@@ -156,9 +168,17 @@ class WorkerClock:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.samples.append((time.monotonic(), self.count()))
 
-    def worker_seconds(self) -> float:
-        return sum(n * self.every_s for _, n in self.samples)
+    def worker_seconds(self, start: float, end: float) -> float:
+        """Integral of the sampled count over [start, end] (seconds on the clock's scale),
+        each sample holding until the next one."""
+        total = 0.0
+        for (t0, n), (t1, _) in zip(self.samples, self.samples[1:], strict=False):
+            lo, hi = max(t0, start), min(t1, end)
+            if hi > lo:
+                total += n * (hi - lo)
+        return total
 
 
 @contextlib.contextmanager
@@ -203,11 +223,13 @@ def run_one(args: argparse.Namespace, kind: str, times: list[float], tmp: str) -
             load_before = os.getloadavg()[0]
             started = time.monotonic()
             outcomes = Replay(ep.grpc_url, args).run(times)
-            elapsed = time.monotonic() - started
+            ended = time.monotonic()
+            elapsed = ended - started
             if stop is not None:
                 stop.set()
                 thread.join(timeout=600)  # type: ignore[union-attr]
-        result = summarize(args, kind, outcomes, elapsed, clock)
+        result = summarize(args, kind, outcomes, elapsed, clock.worker_seconds(started, ended))
+        result["replicas"] = [(t - started, n) for t, n in clock.samples]
         result["load_average_1m"] = [load_before, os.getloadavg()[0]]
         if loop is not None:
             result["decisions"] = [
@@ -246,12 +268,12 @@ def start_planner(args: argparse.Namespace, launcher: Launcher, control: ModelCo
     return loop, stop, thread
 
 
-def summarize(args: argparse.Namespace, kind: str, outcomes: list[Outcome], elapsed: float, clock: WorkerClock) -> dict:
+def summarize(args: argparse.Namespace, kind: str, outcomes: list[Outcome], elapsed: float, measured_ws: float) -> dict:
     ttft_target, itl_target = args.ttft_ms / 1e3, args.itl_ms / 1e3
     ok = [o for o in outcomes if not o.error]
     good = [o for o in ok if o.ttft_s <= ttft_target and o.itl_s <= itl_target]
     ttfts = sorted(o.ttft_s for o in ok) or [0.0]
-    worker_s = clock.worker_seconds() if kind == "planner" else elapsed * (
+    worker_s = measured_ws if kind == "planner" else elapsed * (
         args.max_decode if kind == "static-max" else args.min_decode)
     return {
         "kind": kind,
@@ -265,7 +287,6 @@ def summarize(args: argparse.Namespace, kind: str, outcomes: list[Outcome], elap
         "ttft_p50_s": ttfts[len(ttfts) // 2],
         "ttft_p90_s": ttfts[int(len(ttfts) * 0.9)],
         "itl_p50_s": statistics.median([o.itl_s for o in ok]) if ok else 0.0,
-        "replicas": clock.samples,
         "requests_detail": [asdict(o) for o in outcomes],
     }
 

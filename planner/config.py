@@ -3,7 +3,7 @@ a `TRIDENT_PLANNER_<FIELD>` environment variable (`trident.core.flags`).
 
 The model-repository key is never a flag: it comes from `admin_key_file` or the
 `TRIDENT_PLANNER_ADMIN_KEY` environment variable (`trident serve --planner` sets that).
-The pure core (`planner.core`) reads the policy fields; `planner.cli` the rest.
+The pure core (`planner.core`) reads the policy fields; `planner.main` the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ HELP = {
     "min_prefill": "fewest prefill workers (0 with max 0 = aggregated serving)", "max_prefill": "most prefill workers",
     "budget": "workers x worker_cost may not exceed this (0 = this machine's cores, or GPUs with --device cuda)",
     "worker_cost": "budget units one worker takes (cores or GPUs)",
-    "up_cooldown_s": "no change to a pool for this long after it grew",
+    "up_cooldown_s": "no growing a pool for this long after its last change completed",
     "down_cooldown_s": "no shrinking a pool for this long after any change to it",
     "down_windows": "windows in a row that must agree before a pool shrinks",
     "down_margin": "shrink only while the pool's latencies are below this fraction of target x headroom",
@@ -108,8 +108,10 @@ class PlannerConfig:
             raise ConfigError(f"need 1 <= min_decode <= max_decode, got {self.min_decode}, {self.max_decode}")
         if not 0 <= self.min_prefill <= self.max_prefill:
             raise ConfigError(f"need 0 <= min_prefill <= max_prefill, got {self.min_prefill}, {self.max_prefill}")
-        if self.down_windows < 1 or self.forecast_windows < 2:
-            raise ConfigError("down_windows must be >= 1 and forecast_windows >= 2")
+        if self.down_windows < 1:
+            raise ConfigError(f"down_windows must be >= 1, got {self.down_windows}")
+        if self.forecast_windows < 2:
+            raise ConfigError(f"forecast_windows must be >= 2, got {self.forecast_windows}")
         if self.scrape_s > self.interval_s:
             raise ConfigError(f"scrape_s ({self.scrape_s}) must not exceed interval_s ({self.interval_s})")
         if self.mode == "sla" and not self.profile:

@@ -11,6 +11,7 @@ observed (the core's samples grow) but no new change is started. `records` keeps
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from planner.metrics import Scrape, window_between
 from trident.core.errors import TridentError
 
 logger = logging.getLogger(__name__)
+MAX_RECORDS = 2000  # decisions kept for inspection (hours at the default interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,31 +57,36 @@ class PlannerLoop:
         self.profile = profile
         self.clock = clock
         self.state = PlannerState()
-        self.records: list[Record] = []
+        self.records: collections.deque[Record] = collections.deque(maxlen=MAX_RECORDS)
         self._action: threading.Thread | None = None
         self._finished: dict[str, float] = {}  # pool -> when its last change completed
 
     def run(self, stop: threading.Event) -> None:
-        """Until `stop` is set; then waits for a running action to end."""
-        scrapes = [self._scrape()]
-        while not stop.wait(self.config.scrape_s):
-            try:
-                scrapes.append(self._scrape())
-            except TridentError as exc:
-                logger.warning("planner: %s", exc)
-                continue
-            if scrapes[-1].t - scrapes[0].t >= self.config.interval_s - 1e-6:
-                self.step(scrapes)
-                scrapes = [scrapes[-1]]
-        self.connector.close()
-        if self._action is not None:
-            self._action.join()
+        """Until `stop` is set; then cuts a running action short (a drain stops waiting)
+        and waits for it. A window whose scrapes or probes fail is skipped."""
+        scrapes: list[Scrape] = []
+        wait = 0.0  # the first scrape at once
+        try:
+            while not stop.wait(wait):
+                wait = self.config.scrape_s
+                try:
+                    scrapes.append(self._scrape())
+                    if scrapes[-1].t - scrapes[0].t >= self.config.interval_s - 1e-6:
+                        self.step(scrapes)
+                        scrapes = [scrapes[-1]]
+                except TridentError as exc:
+                    logger.warning("planner: %s", exc)
+                    scrapes = scrapes[-1:]
+        finally:
+            self.connector.close()
+            if self._action is not None:
+                self._action.join()
 
     def step(self, scrapes: list[Scrape]) -> Record:
         """One decision from one window's scrapes; starts the action it calls for."""
         serving = self.connector.replicas()
         counts = {pool: len(serving.get(pool, ())) for pool in self.config.pools}
-        window = window_between(scrapes, serving)
+        window = window_between(scrapes, serving if self.connector.model_names else None)
         if self._finished:  # cool-downs count from when a change completed, not when it was asked
             done = {pool: self._finished.pop(pool) for pool in list(self._finished)}
             self.state = replace(self.state, last_change={**self.state.last_change, **done})

@@ -61,8 +61,11 @@ def scrape(url: str, t: float, timeout_s: float = 5.0) -> Scrape:
         raise TridentError(f"cannot read metrics from {url}: {exc}") from exc
 
 
-def inflight(s: Scrape, worker: str) -> float:
-    """Requests the worker still holds, plus KV blocks leased for a pull (0 = drained)."""
+def inflight(s: Scrape, worker: str) -> float | None:
+    """Requests the worker still holds, plus KV blocks leased for a pull (0 = drained);
+    None when the worker publishes no such gauge (yet), which must not read as drained."""
+    if not any(n == "trident_requests_inflight" and ("worker", worker) in ls for (n, ls) in s.samples):
+        return None
     return s.value("trident_requests_inflight", worker=worker) + s.value("trident_kv_blocks_held", worker=worker)
 
 

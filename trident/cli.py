@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("plan", help="run the planner against a running server (`trident plan --help`)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # the planner parses its own flags (planner.config)
-        return subprocess.call([sys.executable, "-m", "planner", *argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "planner", *argv[1:]])  # signals reach it directly
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
@@ -64,10 +64,12 @@ def serve_command(config: ServeConfig) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     launcher = Launcher(config, progress=logger.info)
     frontend = planner = None
+    key_file = ""
     try:
         endpoints = launcher.start()
         if config.admin_key_file:
-            write_secret(config.admin_key_file, launcher.key)
+            key_file = os.path.expanduser(config.admin_key_file)
+            write_secret(key_file, launcher.key)
         frontend = start_frontend(config, endpoints, launcher)
         planner = start_planner(config, endpoints, launcher)
         logger.info(usage(endpoints, launcher, frontend))
@@ -90,9 +92,9 @@ def serve_command(config: ServeConfig) -> int:
         if frontend is not None:
             frontend.stop()
         launcher.stop()
-        if config.admin_key_file:
+        if key_file:
             with contextlib.suppress(OSError):
-                os.unlink(config.admin_key_file)
+                os.unlink(key_file)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -153,6 +155,7 @@ def start_planner(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> sub
         "TRIDENT_PLANNER_URL": ep.http_url,
         "TRIDENT_PLANNER_METRICS_URL": ep.metrics_url,
         "TRIDENT_PLANNER_ADMIN_KEY": launcher.key,
+        "TRIDENT_PLANNER_ADMIN_KEY_FILE": "",  # this server's key, not one a shell variable points to
         "TRIDENT_PLANNER_MODEL_REPOSITORY": str(launcher.repository),
         "TRIDENT_PLANNER_LOG_LEVEL": config.log_level,
     }

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 class AdvisoryConnector:
     name = "advisory"
+    model_names = True
 
     def __init__(self, view: Callable[[], Mapping[str, tuple[str, ...]]]) -> None:
         self.view = view

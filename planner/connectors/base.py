@@ -15,6 +15,7 @@ from typing import Protocol
 
 class Connector(Protocol):
     name: str
+    model_names: bool  # whether replicas() are Triton model names (the `worker` label of /metrics)
 
     def replicas(self) -> Mapping[str, tuple[str, ...]]:
         """Serving replicas per pool (`decode`, `prefill`): ready and not draining."""

@@ -1,6 +1,6 @@
 """The Kubernetes connector: scales the worker pools by changing their workloads' replicas.
 
-Who calls it: `planner.cli` builds it when `--connector kubernetes` is given (the pools from
+Who calls it: `planner.main` builds it when `--connector kubernetes` is given (the pools from
 `parse_workloads`); `planner.loop`'s decision thread calls `replicas()` and its action thread
 calls `scale(pool, target)`, one call at a time (see `planner.connectors.base`).
 
@@ -165,6 +165,9 @@ class KubernetesConnector:
     """Scales StatefulSets / Deployments through their scale subresource (module docstring)."""
 
     name = "kubernetes"
+    # replicas() are pod names, not the `worker` labels of /metrics: the planner then reads
+    # every worker it scrapes (one server's /metrics; scraping every pod is multi-node work)
+    model_names = False
 
     def __init__(
         self,

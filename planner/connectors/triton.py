@@ -12,7 +12,8 @@ dropping a request:
    `trident_requests_inflight` and `trident_kv_blocks_held` gauges, read twice in a row at
    0), at most `drain_timeout_s` (then it is unloaded anyway and the reason logged);
 3. unload it, wait until the server no longer lists it ready (its stub exits, freeing its
-   KV pool and shared memory), and remove the marker.
+   KV pool and shared memory), and remove the marker once the router has re-probed its
+   pool (`forget_s`), so a stale list of ready workers cannot select the unloaded name.
 
 The highest-numbered replica goes first, so names stay dense (`decode`, `decode_1`, ...).
 A marker left by an interrupted planner is removed when its pool next grows (the worker is
@@ -41,6 +42,7 @@ MAX_GAP = 4  # replica names probed past the last ready one (the router's Worker
 
 class TritonConnector:
     name = "triton"
+    model_names = True  # replicas() are the `worker` labels of /metrics
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class TritonConnector:
         load_timeout_s: float = 600.0,
         settle_s: float = 1.0,
         poll_s: float = 0.5,
+        forget_s: float = 3.0,
     ) -> None:
         self.control = control
         self.repository = repository
@@ -68,6 +71,7 @@ class TritonConnector:
         self.load_timeout_s = load_timeout_s
         self.settle_s = settle_s
         self.poll_s = poll_s
+        self.forget_s = forget_s  # > the router's WorkerDirectory.refresh_s (2 s)
         self._closed = threading.Event()
 
     # ---- the port ----------------------------------------------------------------------
@@ -121,6 +125,7 @@ class TritonConnector:
     def _add(self, pool: str, taken: set[str]) -> str:
         index = next(i for i in range(len(taken) + 1) if replica_name(pool, i) not in taken)
         name = replica_name(pool, index)
+        clear_draining(self.run_dir, name)  # left by a planner stopped during a removal
         gpu = index % self.gpus if self.gpus else None
         started = time.monotonic()
         logger.info("planner: loading %s%s", name, f" on GPU {gpu}" if gpu is not None else "")
@@ -133,12 +138,13 @@ class TritonConnector:
         started = time.monotonic()
         mark_draining(self.run_dir, worker)
         logger.info("planner: draining %s", worker)
-        try:
-            self._wait_drained(worker)
-            self.control.unload(worker)
-            self._wait_gone(worker)
-        finally:
-            clear_draining(self.run_dir, worker)
+        self._wait_drained(worker)
+        self.control.unload(worker)
+        self._wait_gone(worker)
+        # The router's list of ready workers may be `refresh_s` old: the marker keeps the
+        # unloaded name out of its selections until that list has been re-probed.
+        self._closed.wait(self.forget_s)
+        clear_draining(self.run_dir, worker)
         logger.info("planner: removed %s in %.1f s", worker, time.monotonic() - started)
 
     def _wait_drained(self, worker: str) -> None:
@@ -156,7 +162,7 @@ class TritonConnector:
             except TridentError as exc:
                 logger.warning("planner: draining %s: %s", worker, exc)
                 continue
-            idle_reads = idle_reads + 1 if busy == 0 else 0
+            idle_reads = idle_reads + 1 if busy == 0 else 0  # None (no gauge yet) is not idle
 
     def _wait_gone(self, worker: str, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -110,7 +110,8 @@ def propose_all(
     prefill_share = demand.rate * ttft0  # worker-seconds of prefill per second
     rho_max = 1.0 - ttft0 / ttft_target
     itl_eff = itl_target / corr.get(ITL, 1.0)
-    capacity = profile.decode_capacity(itl_eff, demand.context)
+    # the profile's throughput at that concurrency, slowed down by the same correction
+    capacity = profile.decode_capacity(itl_eff, demand.context) / corr.get(ITL, 1.0)
     decode_share = demand.rate * demand.output_tokens / capacity if capacity > 0 else math.inf
     problems = []
     if rho_max <= 0.05:

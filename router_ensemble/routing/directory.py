@@ -5,7 +5,8 @@ asking the server whether each is ready (`pb_utils.is_model_ready` inside the ro
 re-checking at most every `refresh_s`, so replicas that the launcher or the planner loads or
 unloads at run time are picked up without restarting the router. A fixed list can be given
 instead. Workers the planner marks draining (`trident.core.draining`: `draining()` returns
-them) are left out at once, before they are unloaded, so they get no new request.
+them) are left out of every selection at once (`selectable`), before they are unloaded, so they get
+no new request; they stay in `workers()` (their streams and subscriptions go on) until unloaded.
 
 Selectors implement the orchestration's `WorkerSelector` port over a directory:
 `RoundRobinSelector` here (prompts and load ignored), `router.KvSelector` (KV-aware, the
@@ -54,11 +55,14 @@ class WorkerDirectory:
         self._lock = threading.Lock()
 
     def workers(self) -> tuple[str, ...]:
-        """Ready workers that are not draining, in name order (`decode`, `decode_1`, ...);
-        may be empty."""
-        ready = self._ready_workers()
+        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty. Draining
+        ones are included: they are still serving the requests they hold."""
+        return self._ready_workers()
+
+    def selectable(self, ready: Collection[str]) -> list[str]:
+        """Those of `ready` that may get a new request: not marked draining."""
         draining = self.draining() if self.draining is not None else ()
-        return tuple(w for w in ready if w not in draining) if draining else ready
+        return [w for w in ready if w not in draining] if draining else list(ready)
 
     def _ready_workers(self) -> tuple[str, ...]:
         if self.fixed or self.probe is None:
@@ -126,7 +130,7 @@ class RoundRobinSelector:
         self._lock = threading.Lock()
 
     def select(self, request_id: str, token_ids: Sequence[int], exclude: Collection[str] = ()) -> Selection:
-        workers = [w for w in self.directory.workers() if w not in exclude]
+        workers = [w for w in self.directory.selectable(self.directory.workers()) if w not in exclude]
         if not workers:
             self.directory.invalidate()
             raise WorkerUnavailable(f"no {self.directory.pool} worker is ready" + (" and free" if exclude else ""))

@@ -272,7 +272,7 @@ class KvSelector:
         """The chosen worker and the prompt tokens the router expects it to hold cached
         (`orchestration.disagg` counts the rest as prefill work)."""
         ready = self.ready()
-        candidates = [w for w in ready if w not in exclude]
+        candidates = [w for w in self.directory.selectable(ready) if w not in exclude]
         if not candidates:
             why = "free" if ready else "ready"
             raise WorkerUnavailable(f"no {self.directory.pool} worker is {why}")

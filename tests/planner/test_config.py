@@ -127,7 +127,7 @@ def test_a_bad_flag_value_exits_with_the_fields_message(capsys: pytest.CaptureFi
         ({"min_decode": 0}, "min_decode <= max_decode, got 0, 4"),
         ({"min_prefill": 2, "max_prefill": 1}, "min_prefill <= max_prefill, got 2, 1"),
         ({"down_windows": 0}, "down_windows must be >= 1"),
-        ({"forecast_windows": 1}, "forecast_windows >= 2"),
+        ({"forecast_windows": 1}, "forecast_windows must be >= 2"),
         ({"mode": "sla"}, "mode sla needs --profile"),
         ({"connector": "kubernetes"}, "connector kubernetes needs --k8s-workloads"),
         ({"scrape_s": 6.0, "interval_s": 5.0}, r"scrape_s \(6.0\) must not exceed interval_s \(5.0\)"),

@@ -149,7 +149,7 @@ def test_inflight_adds_requests_held_and_kv_blocks_leased() -> None:
     assert inflight(s, "decode") == 3
     assert inflight(s, "prefill") == 7
     assert inflight(s, "decode_1") == 0
-    assert inflight(s, "decode_9") == 0  # unknown (already unloaded): nothing left
+    assert inflight(s, "decode_9") is None  # no gauge (not started, or gone): never reads as drained
 
 
 # ---- window_between -----------------------------------------------------------------------
