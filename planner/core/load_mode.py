@@ -10,7 +10,9 @@ compared with the target (times the headroom):
   prediction is a least-squares line of latency against active requests per worker, fitted
   on the pool's recent windows (`regression`); until the points span enough load, latency
   is assumed proportional to load (latency x N/(N-1)), which overestimates the cost of a
-  removal for ITL (it has a fixed part);
+  removal for ITL (it has a fixed part). Either is raised to the median latency the pool's
+  workers showed in recent windows at that load per worker or more, so a pool that was
+  overloaded with N-1 workers a moment ago does not shrink back into it;
 - otherwise hold.
 
 Pure: the caller passes the window, the current count and the remembered points.
@@ -87,6 +89,11 @@ def _after_removal(window: PoolWindow, signal: str, n: int, points: tuple[Point,
     scale = n / (n - 1)
     load = window.mean("active") * scale
     line = fit(points)
-    if line is not None:
-        return max(line.at(load), max(seen))
-    return max(seen) * scale
+    estimate = max(line.at(load), max(seen)) if line is not None else max(seen) * scale
+    # What workers showed when they last carried that much load each: queueing makes
+    # latency rise faster than any line near saturation, and the pool may have been there
+    # with one worker fewer minutes ago.
+    nearby = sorted(y for x, y in points if x >= 0.8 * load)
+    if len(nearby) >= 2:
+        estimate = max(estimate, nearby[len(nearby) // 2])
+    return estimate

@@ -85,6 +85,16 @@ def test_scale_down_refused_when_the_remaining_workers_could_not_hold_the_load()
     assert decide(window(*ws), 2, state=flat).targets["decode"] == 1
 
 
+def test_no_shrinking_back_into_the_overload_the_pool_just_grew_out_of() -> None:
+    """One worker was overloaded at ~5 active requests (TTFT 2.5 s); two now hold 2.5 each
+    at 0.5 s, well under target. Removing one would bring back 5 per worker: refused."""
+    overloaded = tuple((x, 2.5) for x in (4.5, 5.0, 5.5)) + tuple((x, 0.5) for x in (2.4, 2.5, 2.6))
+    state = PlannerState(points={"decode.ttft": overloaded, "decode.itl": ()}, down_streak={"decode": 5})
+    ws = [worker(n, 40, 500, running=2.5) for n in names(2)]
+    d = decide(window(*ws), 2, state=state)
+    assert d.targets["decode"] == 2 and "would miss the ttft target" in d.reasons["decode"]
+
+
 def test_without_a_trusted_curve_removal_is_priced_as_latency_times_n_over_n_minus_1() -> None:
     state = PlannerState(down_streak={"decode": 5})
     ws = [worker(n, 58, 50) for n in names(2)]  # x 2/1 = 116 ms > 100 ms: refused
