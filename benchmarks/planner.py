@@ -43,7 +43,7 @@ from planner.connectors.triton import TritonConnector
 from planner.core.profile import Profile
 from planner.loop import PlannerLoop
 from planner.metrics import scrape
-from trident.core.names import replica_name
+from trident.core.names import scan_replicas
 from trident.launcher import REPO_ROOT, Launcher
 from trident.model_control import ModelControl
 from trident.router_client import RouterClient
@@ -153,8 +153,7 @@ class WorkerClock:
         self._thread = threading.Thread(target=self._run, daemon=True, name="worker-clock")
 
     def count(self) -> int:
-        ready = sum(1 for i in range(8) if self.control.is_ready(replica_name("decode", i)))
-        return max(ready, self.loading)
+        return max(len(scan_replicas("decode", self.control.is_ready)), self.loading)
 
     def _run(self) -> None:
         while not self._stop.is_set():

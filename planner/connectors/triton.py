@@ -33,11 +33,10 @@ from pathlib import Path
 from planner.metrics import Scrape, inflight
 from trident.core.draining import clear_draining, draining_workers, mark_draining
 from trident.core.errors import TridentError
-from trident.core.names import parse_replica, replica_name
+from trident.core.names import parse_replica, replica_name, scan_replicas
 from trident.model_control import ModelControl, load_replica
 
 logger = logging.getLogger(__name__)
-MAX_GAP = 4  # replica names probed past the last ready one (the router's WorkerDirectory too)
 
 
 class TritonConnector:
@@ -105,22 +104,8 @@ class TritonConnector:
 
     # ---- steps -------------------------------------------------------------------------
     def _ready(self) -> dict[str, tuple[str, ...]]:
-        """Ready replicas per pool. The repository index lists only the models that have a
-        directory (the templates), so replicas are probed by name, as the router does,
-        until `MAX_GAP` names in a row are not ready."""
-        out: dict[str, tuple[str, ...]] = {}
-        for pool in self.pools:
-            found, gap, index = [], 0, 0
-            while gap < MAX_GAP:
-                name = replica_name(pool, index)
-                if self.control.is_ready(name):
-                    found.append(name)
-                    gap = 0
-                else:
-                    gap += 1
-                index += 1
-            out[pool] = tuple(found)
-        return out
+        """Ready replicas per pool, probed by name (`scan_replicas`)."""
+        return {pool: scan_replicas(pool, self.control.is_ready) for pool in self.pools}
 
     def _add(self, pool: str, taken: set[str]) -> str:
         index = next(i for i in range(len(taken) + 1) if replica_name(pool, i) not in taken)

@@ -15,7 +15,6 @@ router model's choice for both pools).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -23,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from router_ensemble.orchestration.ports import Selection
 from trident.core.errors import WorkerUnavailable
-from trident.core.names import replica_name
+from trident.core.names import scan_replicas
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +53,14 @@ class WorkerDirectory:
         self._checked = float("-inf")
         self._lock = threading.Lock()
 
-    def workers(self) -> tuple[str, ...]:
-        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty. Draining
-        ones are included: they are still serving the requests they hold."""
-        return self._ready_workers()
-
     def selectable(self, ready: Collection[str]) -> list[str]:
         """Those of `ready` that may get a new request: not marked draining."""
         draining = self.draining() if self.draining is not None else ()
         return [w for w in ready if w not in draining] if draining else list(ready)
 
-    def _ready_workers(self) -> tuple[str, ...]:
+    def workers(self) -> tuple[str, ...]:
+        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty. Draining
+        ones are included: they are still serving the requests they hold."""
         if self.fixed or self.probe is None:
             return self.fixed
         with self._lock:
@@ -85,7 +81,7 @@ class WorkerDirectory:
         with self._lock:
             due = self.clock() - self._checked >= self.refresh_s
         if due:
-            self._ready_workers()
+            self.workers()
 
     def is_gone(self, worker: str) -> bool:
         """After a failed call: re-scan now; True when `worker` is no longer ready."""
@@ -98,19 +94,7 @@ class WorkerDirectory:
             self._checked = float("-inf")
 
     def _scan(self) -> tuple[str, ...]:
-        assert self.probe is not None
-        found = [self.pool] if self._ready(self.pool) else []
-        gap = 0
-        for i in itertools.count(1):
-            name = replica_name(self.pool, i)
-            if self._ready(name):
-                found.append(name)
-                gap = 0
-            else:
-                gap += 1
-                if gap >= self.max_gap:
-                    break
-        return tuple(found)
+        return scan_replicas(self.pool, self._ready, self.max_gap)
 
     def _ready(self, name: str) -> bool:
         try:

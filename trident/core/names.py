@@ -8,7 +8,9 @@ frontend's health probe recognises them (`parse_replica`).
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Callable
 
 WORKER_POOLS = ("decode", "prefill")
 # Header of the key that unlocks Triton's restricted model-repository API (HTTP; gRPC
@@ -29,6 +31,25 @@ def replica_name(pool: str, index: int) -> str:
 def replica_names(pool: str, count: int) -> list[str]:
     """The first `count` replicas of a pool, in index order."""
     return [replica_name(pool, i) for i in range(count)]
+
+
+def scan_replicas(pool: str, is_ready: Callable[[str], bool], max_gap: int = 4) -> tuple[str, ...]:
+    """The ready replicas of `pool`, probing `pool`, `pool_1`, ... until `max_gap` names in
+    a row are not ready. Triton's repository index lists only models with a directory (the
+    templates), so replicas created by override are found by name: the router's
+    `WorkerDirectory` and the planner's Triton connector both scan this way."""
+    found = []
+    gap = 0
+    for i in itertools.count(0):
+        name = replica_name(pool, i)
+        if is_ready(name):
+            found.append(name)
+            gap = 0
+        else:
+            gap += 1
+            if gap >= max_gap:
+                break
+    return tuple(found)
 
 
 def parse_replica(name: str) -> tuple[str, int] | None:
