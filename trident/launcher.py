@@ -143,7 +143,23 @@ def prepare_install(binary: Path, cache_dir: Path | None = None) -> TritonInstal
     target = cache_dir / "tritonserver-backends" / f"py{version}-{stamp}"
     if not (target / "python" / STUB_NAME).is_file():
         _build_backend_dir(backends, stub, target)
-    return TritonInstall(binary, target, libs)
+    return TritonInstall(binary, target, _interpreter_lib_dir() + libs)
+
+
+def _interpreter_lib_dir() -> tuple[Path, ...]:
+    """The directory of this interpreter's libpython, when it has a shared one.
+
+    The wheel's stub links `libpython3.X.so.1.0` by name; found elsewhere first (the system's
+    Python of the same minor version), it embeds a different patch release than the venv's,
+    and C extensions of our interpreter's stdlib (`_ssl`, which vLLM's imports load) fail
+    on symbols that release lacks.
+    """
+    import sysconfig
+
+    libdir, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and name and (Path(libdir) / name).is_file():
+        return (Path(libdir),)
+    return ()
 
 
 def _build_backend_dir(backends: Path, stub: Path, target: Path) -> None:

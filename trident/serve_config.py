@@ -22,10 +22,13 @@ ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
 ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.routing.policies.POLICIES
+ENGINES = ("torch", "vllm")  # plugins.triton.engines.ENGINES
+VLLM_BLOCK_SIZE = 32  # plugins.vllm.config.VllmEngineConfig.block_size
 
 # field name -> help text; the order is the order of `trident serve --help`.
 _HELP = {
     "model": "GGUF file or Hugging Face directory ('' = default SmolLM2-135M-Instruct)",
+    "engine": "worker engine: torch (ours) or vllm (needs `make setup-vllm`; '' = model config, torch)",
     "host": "address the HTTP, gRPC and metrics endpoints bind to",
     "http_port": "HTTP port (0 = pick a free port)",
     "grpc_port": "gRPC port (0 = pick a free port)",
@@ -55,6 +58,7 @@ class ServeConfig:
     """What `trident serve` starts. Built by `from_args` (CLI) or directly (tests)."""
 
     model: str = ""
+    engine: str = ""
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -83,6 +87,13 @@ class ServeConfig:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be in [0, 65535], got {port}")
+        if self.engine and self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "vllm" and self.prefill:
+            raise ConfigError(
+                "prefill: the vllm engine serves aggregated only (it has no KV handoff between "
+                "workers yet); use --prefill 0, or --engine torch for disaggregation"
+            )
         if self.decode < 1:
             raise ConfigError(f"decode must be >= 1, got {self.decode}")
         if self.router_policy and self.router_policy not in ROUTER_POLICIES:
@@ -112,6 +123,10 @@ class ServeConfig:
     def engine_env(self) -> dict[str, str]:
         """`TRIDENT_*` variables for tritonserver's environment (engine and router settings)."""
         env = {"TRIDENT_LOG_LEVEL": self.log_level}
+        if self.engine:
+            env["TRIDENT_ENGINE"] = self.engine
+        if self.engine == "vllm":  # vLLM's CPU attention takes multiples of 32 tokens per block
+            env["TRIDENT_ROUTER_BLOCK_SIZE"] = str(VLLM_BLOCK_SIZE)
         if self.model:
             env["TRIDENT_MODEL"] = os.path.abspath(os.path.expanduser(self.model))
         if self.dtype:

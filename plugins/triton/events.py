@@ -4,7 +4,9 @@
 socket (`trident.core.endpoints`) and one thread ("kv-events-<worker>") that every `poll_s`
 moves `engine.take_events()` onto the wire and every `report_s` publishes `engine.stats()` as
 a load report (the router drops a worker whose reports stop). Binding the socket announces
-the worker; `close()` says "leave".
+the worker; `close()` says "leave". An engine that publishes its own KV events (vLLM,
+`EngineInfo.kv_events`) keeps its stream; the announce and load reports name it, so the router
+listens to both.
 
 Who calls it: `plugins.triton.model.WorkerModel.start()` calls `start(engine)` once the engine
 runs; `WorkerModel.shutdown()` calls `close()` before stopping the engine, so the router
@@ -84,7 +86,10 @@ class WorkerEvents:
             return
         endpoint = self._endpoint or events_endpoint(self.worker, events_dir(self._params))
         self._engine = engine
-        self.publisher = KVEventPublisher(self.worker, endpoint, block_size=engine.info().block_size)
+        info = engine.info()
+        self.publisher = KVEventPublisher(
+            self.worker, endpoint, block_size=info.block_size, engine_events=info.kv_events
+        )
         self.publisher.report_load(engine.stats())
         self._thread = threading.Thread(target=self._loop, name=f"kv-events-{self.worker}", daemon=True)
         self._thread.start()

@@ -80,6 +80,8 @@ class _Conn:
         "learned",
         "resync_kind",
         "warned",
+        "engine_sub",
+        "engine_replay",
     )
 
     def __init__(self, spec: WorkerEndpoint, sub: zmq.Socket, block_size: int) -> None:
@@ -96,10 +98,16 @@ class _Conn:
         self.learned = ""  # resync endpoint the worker announced
         self.resync_kind = ""  # "snapshot" | "replay" | "waiting" while a resync is in flight
         self.warned = False
+        # The engine's own KV event stream (vLLM), learned from the worker's reports: its SUB
+        # socket and replay endpoint. While set, `sub` carries only load and control.
+        self.engine_sub: zmq.Socket | None = None
+        self.engine_replay = ""
 
     def resync_target(self) -> tuple[str, str]:
         """(mode, endpoint) for the next resync; endpoint "" when not known (yet)."""
         mode, spec = self.spec.resync, self.spec
+        if self.engine_sub is not None:
+            return ("replay", self.engine_replay) if self.engine_replay and mode != "none" else ("none", "")
         if mode == "auto":
             if self.learned:
                 return "snapshot", self.learned
@@ -243,6 +251,7 @@ class KvEventSubscriber:
         if conn is None:
             return
         self._close_dealer(conn)
+        self._close_engine_sub(conn)
         self._poller.unregister(conn.sub)
         self._owner.pop(conn.sub, None)
         conn.sub.close(linger=0)
@@ -259,7 +268,7 @@ class KvEventSubscriber:
             except zmq.Again:
                 break
             try:
-                if sock is conn.sub:
+                if sock is conn.sub or sock is conn.engine_sub:
                     self._on_stream(conn, frames)
                 else:
                     self._on_resync_reply(conn, frames)
@@ -284,7 +293,7 @@ class KvEventSubscriber:
             self._seen(conn, report.worker_id, report.block_size, report.resync_endpoint)
             conn.last_report = now
             self.router.update_load(wid, report)
-            self._do(conn, conn.sync.on_hint(seq, report.instance))
+            self._hint(conn, seq, report)
         elif topic == wire.TOPIC_CONTROL:
             message = wire.decode_control(payload)
             if message.kind == wire.LEAVE:
@@ -292,11 +301,57 @@ class KvEventSubscriber:
                 self._drop(conn)
                 return
             self._seen(conn, message.worker_id, message.block_size, message.resync_endpoint)
-            self._do(conn, conn.sync.on_hint(seq, message.instance))
+            self._hint(conn, seq, message)
         else:
             batch = wire.decode_batch(payload)
             self._seen(conn, "", 0, "")
             self._do(conn, conn.sync.on_batch(seq, batch.events))
+
+    def _hint(self, conn: _Conn, seq: int, message: wire.LoadReport | wire.WorkerControl) -> None:
+        """A load report or announce: its `seq` hints at the worker's event stream, unless the
+        engine publishes that stream itself (then listen there, and only watch restarts)."""
+        if not message.events_endpoint:
+            self._do(conn, conn.sync.on_hint(seq, message.instance))
+            return
+        restarted = conn.sync.instance is not None and message.instance != conn.sync.instance
+        if conn.engine_sub is None or restarted:
+            self._listen_engine(conn, message)
+        conn.sync.instance = message.instance
+
+    def _listen_engine(self, conn: _Conn, message: wire.LoadReport | wire.WorkerControl) -> None:
+        """(Re)connect to the engine's own stream: a fresh sync, translator and index entry."""
+        self._close_engine_sub(conn)
+        self.router.clear_worker(conn.spec.worker_id)
+        conn.sync.reset()
+        conn.resync_kind = ""
+        self._close_dealer(conn)
+        if message.hashes == "tokens":
+            conn.translator = HashTranslator(conn.spec.worker_id, self.router.block_size)
+        elif conn.translator is not None:
+            conn.translator.clear()
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(message.events_endpoint)
+        conn.engine_sub = sub
+        conn.engine_replay = message.events_replay_endpoint
+        self._owner[sub] = conn
+        self._poller.register(sub, zmq.POLLIN)
+        # Whatever the engine published before we listened is in its replay buffer.
+        conn.sync.begin_resync(self._clock())
+        self._request_resync(conn)
+        logger.info(
+            "kv subscriber: worker=%s engine events at %s (hashes=%s)",
+            conn.spec.worker_id, message.events_endpoint, message.hashes or "native",
+        )
+
+    def _close_engine_sub(self, conn: _Conn) -> None:
+        if conn.engine_sub is not None:
+            self._poller.unregister(conn.engine_sub)
+            self._owner.pop(conn.engine_sub, None)
+            conn.engine_sub.close(linger=0)
+            conn.engine_sub = None
 
     def _seen(self, conn: _Conn, reported_id: str, block_size: int, resync_endpoint: str) -> None:
         wid = conn.spec.worker_id
@@ -366,6 +421,8 @@ class KvEventSubscriber:
         if not conn.sync.resyncing or not frames or frames[0] != b"":
             return
         body = frames[1:]
+        if conn.resync_kind == "replay" and len(body) == 3:  # vLLM >= 0.32: [topic, seq, payload]
+            body = body[1:]
         if conn.resync_kind == "snapshot" and len(body) == 3 and body[0] == wire.SNAPSHOT:
             batch = wire.decode_batch(body[2])
             self._finish_resync(
@@ -395,6 +452,7 @@ class KvEventSubscriber:
     def _drop(self, conn: _Conn) -> None:
         """The worker left or went silent: out of the router; rejoins on its next message."""
         self._close_dealer(conn)
+        self._close_engine_sub(conn)
         conn.live = False
         conn.last_report = None
         conn.resync_kind = ""
@@ -445,6 +503,7 @@ class KvEventSubscriber:
     def _close_sockets(self) -> None:
         for conn in list(self._conns.values()):
             self._close_dealer(conn)
+            self._close_engine_sub(conn)
             conn.sub.close(linger=0)
         self._conns.clear()
         self._owner.clear()

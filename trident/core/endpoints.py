@@ -2,7 +2,8 @@
 
 Workers (`plugins.triton.events`) bind and the router (`router_ensemble.triton.kv_routing`)
 connects to `ipc://<dir>/<worker model name>.kv` (plus `<...>.kv-resync` for resync
-requests), so the router finds a worker's stream from its model name alone, and no TCP port
+requests; an engine with its own publisher, vLLM, binds `<...>.kv-engine` and
+`<...>.kv-engine-replay`, named in the worker's load reports), so the router finds a worker's stream from its model name alone, and no TCP port
 is opened. The directory is, in order:
 
 1. `TRIDENT_KV_EVENTS_DIR` (or a model's `kv_events_dir` parameter): `trident serve` creates a
@@ -31,6 +32,7 @@ from trident.core.errors import ConfigError
 EVENTS_DIR_ENV = "TRIDENT_KV_EVENTS_DIR"
 EVENTS_DIR_PARAM = "kv_events_dir"
 SUFFIX = ".kv"
+ENGINE_SUFFIX = "-engine"  # <worker>.kv-engine: an engine's own publisher (vLLM)
 _MAX_IPC_PATH = 100  # sun_path holds 108 bytes; keep room for "-resync"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SERVER_PREFIX = "server-"  # <default base>/server-<tritonserver pid>
@@ -85,6 +87,15 @@ def events_endpoint(worker: str, directory: Path) -> str:
             "use a shorter directory"
         )
     return "ipc://" + path
+
+
+def engine_events_endpoint(worker: str, directory: Path) -> str:
+    """`ipc://` address where an engine that publishes its own KV events (vLLM) binds them;
+    its replay socket adds "-replay"."""
+    endpoint = events_endpoint(worker, directory) + ENGINE_SUFFIX
+    if len(endpoint) - len("ipc://") + len("-replay") > _MAX_IPC_PATH + len("-resync"):
+        raise ConfigError(f"{EVENTS_DIR_ENV}: {endpoint!r} is too long for an ipc socket; use a shorter directory")
+    return endpoint
 
 
 def release_endpoint(endpoint: str) -> None:

@@ -1,0 +1,220 @@
+"""vLLM as a Trident engine: vLLM's `LLMEngine` driven on the worker's own thread.
+
+The engine runs vLLM in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: vLLM's `InprocClient`,
+so its scheduler and model runner step on our loop thread, in the worker's stub process) and
+keeps the contract of `plugins.base`:
+
+- `submit` validates the request against the model (the same checks as the torch engine)
+  and queues it; the loop thread ("vllm-<worker>") adds it to vLLM as token ids with
+  `output_kind=DELTA` and no detokenization (the router detokenizes), steps vLLM and turns each
+  `RequestOutput` into a `TokenChunk` for the request's sink. vLLM returns the stop token (EOS
+  or one of `stop_token_ids`) as the last output token; the contract leaves it out.
+- `abort` is queued too; the loop thread calls vLLM's `abort_request` (vLLM frees the
+  request's blocks at once) and sends the finished "abort" chunk itself, as vLLM's
+  `LLMEngine` reports nothing for an aborted request.
+- `stats` is the last `SchedulerStats` vLLM reported (running, waiting, KV usage, prefix-cache
+  queries and hits), read through a vLLM stat logger (`plugins.vllm.stats`).
+- KV events come from vLLM's own ZMQ publisher (`kv_events_config`), bound where
+  `kv_events_endpoint` says; the worker glue tells the router where (`plugins.triton.events`).
+  `take_events` returns nothing: there is no second copy of them.
+- `shutdown` stops the loop, finishes outstanding requests with "abort" and lets vLLM free
+  its KV cache and publisher. Idempotent.
+
+Ownership: vLLM owns its KV cache and every block in it. Disaggregated handoff (`hold_kv`,
+`kv_descriptor`) needs a vLLM KV connector and is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from plugins.base import ChunkSink, Engine, EngineInfo
+from plugins.vllm.config import VllmEngineConfig
+from plugins.vllm.stats import SchedulerStatsLogger
+from trident.core.errors import EngineError, ValidationError
+from trident.core.types import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineStats,
+    GenerateRequest,
+    TokenChunk,
+)
+
+logger = logging.getLogger(__name__)
+
+_FINISH = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT, "error": FINISH_ERROR}
+
+
+class VllmEngine(Engine):
+    """See the module docstring."""
+
+    def __init__(self, config: VllmEngineConfig) -> None:
+        self.config = config.validate()
+        self._llm = None  # vllm LLMEngine, built by start()
+        self._info: EngineInfo | None = None
+        self._stats_logger: SchedulerStatsLogger | None = None
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._sinks: dict[str, ChunkSink] = {}  # loop thread only
+        self._prompt_lens: dict[str, int] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        from plugins.vllm.setup import build_llm_engine
+
+        self._stats_logger = SchedulerStatsLogger()
+        self._llm, self._info = build_llm_engine(self.config, self._stats_logger)
+        self._stats_logger.total_blocks = self._info.num_blocks
+        self._thread = threading.Thread(target=self._loop, name=f"vllm-{self.config.worker_id}", daemon=True)
+        self._thread.start()
+
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise EngineError("engine not started")
+        return self._info
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                logger.error("engine %s: loop thread did not stop within 30 s", self.config.worker_id)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.engine_core.shutdown()  # frees the KV cache, closes vLLM's event publisher
+            except Exception:
+                logger.exception("engine %s: vLLM shutdown failed", self.config.worker_id)
+
+    # -- any thread ----------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, sink: ChunkSink) -> None:
+        info = self.info()
+        if self._stopping:
+            raise EngineError("engine is shutting down")
+        request.validate(info.vocab_size, info.max_model_len)
+        if request.hold_kv or request.kv_descriptor is not None:
+            raise ValidationError(
+                "kv_descriptor" if request.kv_descriptor is not None else "hold_kv",
+                "the vllm engine serves aggregated requests only (no KV handoff between workers)",
+            )
+        self._post("submit", (request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def take_events(self) -> list:
+        return []  # vLLM publishes its own (kv_events_config); see the module docstring
+
+    def stats(self) -> EngineStats:
+        if self._stats_logger is None:
+            return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return self._stats_logger.snapshot()
+
+    def _post(self, kind: str, item: object) -> None:
+        with self._lock:
+            self._inbox.append((kind, item))
+        self._wake.set()
+
+    # -- loop thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        llm = self._llm
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not llm.has_unfinished_requests():
+                    self._stats_logger.idle()
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = llm.step()
+                except Exception as exc:  # one bad step fails what is running, not the worker
+                    logger.exception("engine %s: vLLM step failed", self.config.worker_id)
+                    self._fail_all(f"vLLM step failed: {exc}")
+                    continue
+                for out in outputs:
+                    self._emit(out)
+        finally:
+            self._drain_inbox(rejecting=True)
+            for request_id in list(self._sinks):
+                self._finish(request_id, (), FINISH_ABORT)
+
+    def _drain_inbox(self, rejecting: bool = False) -> None:
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return
+                kind, item = self._inbox.popleft()
+            if kind == "submit":
+                request, sink = item  # type: ignore[misc]
+                if rejecting:
+                    sink(TokenChunk(request.request_id, (), True, FINISH_ABORT))
+                else:
+                    self._add(request, sink)
+            elif item in self._sinks:
+                self._llm.abort_request([item])
+                self._finish(item, (), FINISH_ABORT)
+
+    def _add(self, request: GenerateRequest, sink: ChunkSink) -> None:
+        from plugins.vllm.setup import sampling_params
+
+        rid = request.request_id
+        if rid in self._sinks:
+            sink(TokenChunk(rid, (), True, FINISH_ERROR, error=f"request_id {rid!r} is already running"))
+            return
+        try:
+            self._llm.add_request(rid, {"prompt_token_ids": list(request.input_ids)}, sampling_params(request.sampling))
+        except Exception as exc:
+            logger.warning("engine %s: vLLM refused request %s: %s", self.config.worker_id, rid, exc)
+            sink(TokenChunk(rid, (), True, FINISH_ERROR, error=f"vLLM refused the request: {exc}"))
+            return
+        self._sinks[rid] = sink
+        self._prompt_lens[rid] = len(request.input_ids)
+
+    def _emit(self, out) -> None:
+        rid = out.request_id
+        if rid not in self._sinks:
+            return
+        completion = out.outputs[0] if out.outputs else None
+        tokens = tuple(completion.token_ids) if completion is not None else ()
+        if self._stats_logger is not None:
+            self._stats_logger.generated_tokens += len(tokens)
+        if not out.finished:
+            if tokens:
+                self._sinks[rid](TokenChunk(rid, tokens, num_input_tokens=self._prompt_lens[rid],
+                                            cached_tokens=out.num_cached_tokens or 0))
+            return
+        reason = _FINISH.get(completion.finish_reason if completion is not None else "", FINISH_STOP)
+        if reason == FINISH_STOP and tokens and not isinstance(completion.stop_reason, str):
+            tokens = tokens[:-1]  # the contract: the stop token (EOS or stop_token_ids) is not output
+        self._finish(rid, tokens, reason, out.num_cached_tokens or 0)
+
+    def _finish(self, rid: str, tokens: tuple[int, ...], reason: str, cached: int = 0, error: str | None = None) -> None:
+        sink = self._sinks.pop(rid)
+        prompt_len = self._prompt_lens.pop(rid, 0)
+        try:
+            sink(TokenChunk(rid, tokens, True, reason, prompt_len, cached, error))
+        except Exception:
+            logger.exception("engine %s: sink of %s failed", self.config.worker_id, rid)
+
+    def _fail_all(self, message: str) -> None:
+        for rid in list(self._sinks):
+            try:
+                self._llm.abort_request([rid])
+            except Exception:
+                pass
+            self._finish(rid, (), FINISH_ERROR, error=message)
