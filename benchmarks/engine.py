@@ -1,175 +1,164 @@
-"""Our torch engine vs Hugging Face transformers `generate()` on the same model and prompts.
+"""Our torch engine vs vLLM's CPU build vs Hugging Face transformers, same model and prompts.
 
-    python -m benchmarks.engine [--json PATH] [--dtype bfloat16|float32] [--new-tokens N]
+    taskset -c 0 python -m benchmarks.engine [--threads 1] [--repeats 3] [--peers torch,vllm,transformers]
+                                             [--dtype bfloat16|float32] [--json PATH]
 
-Measures, in one run on one machine: decode tokens/s at batch 1 and batch 16, prefill
-tokens/s, and our batch-1 decode step time against the memory-bandwidth bound (weight bytes
-read per step / measured copy bandwidth). Both sides use the same threads; transformers runs
-in its fastest dtype for GGUF checkpoints (float32) unless --hf-dtype says otherwise.
-Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, roofline {z}%`.
+Measures decode tokens/s at batch 1 and 16 and prefill tokens/s for each peer, and our
+batch-1 decode step against the memory-bandwidth bound (weight bytes read per step / measured
+copy bandwidth). Every peer runs in a process of its own (`benchmarks.engine_peers`), built
+once, on the cores this process may use (pin them with `taskset`), and the repetitions are
+interleaved: torch, vllm, transformers, torch, vllm, ... Reported: medians, with the spread
+(min-max) beside them, and the load average before, when measuring starts (the peers' own
+start-up, vLLM's compilation, shows there) and after; a run that began with the cores already
+busy (1-minute load above --max-load before any peer started) is flagged, its ratios are not
+to be trusted. vLLM runs through our engine plugin (`plugins.vllm`), compiled (its default) unless
+--vllm-eager; transformers in float32 (its fastest dtype for this GGUF) unless --hf-dtype.
+Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, roofline {z}%,
+vs vLLM batch16 {v}x, batch1 {w}x`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import multiprocessing as mp
 import os
-import resource
-import threading
-import time
-
-import torch
+import statistics
 
 from benchmarks.common import copy_bandwidth_gbs, setup_logging, write_json
-from plugins.torch_engine.config import TorchEngineConfig
-from plugins.torch_engine.engine import TorchEngine
-from router_ensemble.text.tokenizer import load_tokenizer
-from trident.core.model_files import default_model_path
-from trident.core.types import GenerateRequest, SamplingParams
+from benchmarks.engine_peers import PEERS, serve
 
-TOPICS = ["the ocean", "a bicycle", "volcanoes", "the moon", "bread", "chess", "rain", "music"]
+METRICS = ("decode_b1_tok_s", "decode_b16_tok_s", "prefill_tok_s")
 
 
-def make_prompts(tok, n: int, words: int) -> list[list[int]]:
+class Peer:
+    """The parent's handle on one peer process."""
+
+    def __init__(self, kind: str, opts: dict) -> None:
+        ctx = mp.get_context("spawn")
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(kind, opts, child), name=f"peer-{kind}", daemon=True)
+        self.proc.start()
+        status, self.info = self.conn.recv()
+        if status != "ready":
+            self.proc.join(10)
+            raise RuntimeError(self.info)
+
+    def ask(self, command: str, **kwargs):
+        self.conn.send((command, kwargs))
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(result)
+        return result
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("quit", {}))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def measure_once(peer: Peer, new_tokens: int) -> dict[str, float]:
+    b1, step = peer.ask("decode", batch=1, new_tokens=new_tokens)
+    b16, _ = peer.ask("decode", batch=16, new_tokens=new_tokens)
+    return {"decode_b1_tok_s": b1, "decode_b16_tok_s": b16, "prefill_tok_s": peer.ask("prefill"), "step_s": step}
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                "max": max(r[k] for r in runs)} for k in runs[0]}
+
+
+def available_peers(requested: list[str]) -> list[str]:
     out = []
-    for i in range(n):
-        text = f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i}). " + "Details: " + " ".join(
-            f"item{j}" for j in range(words)
-        )
-        out.append(tok.encode(text))
+    for kind in requested:
+        if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+            print("vllm: not installed (make setup-vllm); left out")
+            continue
+        out.append(kind)
     return out
-
-
-# -- our engine ---------------------------------------------------------------------------
-def ours_decode(engine: TorchEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s, mean step seconds): time from the last first-token to the end."""
-    firsts: dict[str, float] = {}
-    ends: list[float] = []
-    done = threading.Semaphore(0)
-
-    def sink_for(rid):
-        def sink(c):
-            now = time.perf_counter()
-            firsts.setdefault(rid, now)
-            if c.finished:
-                ends.append(now)
-                done.release()
-        return sink
-
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    tag = f"d{len(prompts)}-{time.monotonic_ns()}"
-    for i, p in enumerate(prompts):
-        engine.submit(GenerateRequest(f"{tag}-{i}", tuple(p), sp), sink_for(f"{tag}-{i}"))
-    for _ in prompts:
-        done.acquire()
-    span = max(ends) - max(firsts.values())
-    tokens = len(prompts) * (new_tokens - 1)
-    return tokens / span, span / (new_tokens - 1)
-
-
-def ours_prefill(engine: TorchEngine, prompts: list[list[int]]) -> float:
-    done = threading.Semaphore(0)
-    sp = SamplingParams(max_tokens=1, temperature=0)
-    tag = f"p-{time.monotonic_ns()}"
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.submit(GenerateRequest(f"{tag}-{i}", tuple(p), sp), lambda c: c.finished and done.release())
-    for _ in prompts:
-        done.acquire()
-    return sum(map(len, prompts)) / (time.perf_counter() - t0)
-
-
-# -- transformers -------------------------------------------------------------------------
-def hf_generate_time(model, prompts: list[list[int]], new_tokens: int) -> float:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), 2, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as batched generation needs
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=2)
-    return time.perf_counter() - t0
-
-
-def hf_decode(model, prompts, new_tokens: int) -> float:
-    """Decode tokens/s: generate(n) minus generate(1) isolates the n-1 decode steps."""
-    full = hf_generate_time(model, prompts, new_tokens)
-    first = min(hf_generate_time(model, prompts, 1) for _ in range(2))
-    return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
-
-
-def hf_prefill(model, prompts) -> float:
-    t = hf_generate_time(model, prompts, 1)
-    return sum(map(len, prompts)) / t
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="ours and vLLM")
+    ap.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--prefill-words", type=int, default=180)
-    ap.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"],
-                    help="transformers dtype (its GGUF kernels are fastest in float32)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
+    ap.add_argument("--max-load", type=float, default=0.5, help="flag the run above this 1-minute load")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
-    torch.set_num_threads(args.threads)
-    path = default_model_path()
-    tok = load_tokenizer(path)
-    p1 = make_prompts(tok, 1, args.prompt_words)
-    p16 = make_prompts(tok, 16, args.prompt_words)
-    pre = make_prompts(tok, 8, args.prefill_words)
-
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    engine = TorchEngine(TorchEngineConfig(dtype=args.dtype, kv_cache_mb=192, enable_prefix_caching=False,
-                                           max_num_batched_tokens=1024, num_threads=args.threads))
-    engine.start()
-    rss_engine_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    ours_decode(engine, p1, 8)  # warm-up
-    ours = {
-        "decode_b1_tok_s": ours_decode(engine, p1, args.new_tokens)[0],
-        "decode_b16_tok_s": ours_decode(engine, p16, args.new_tokens)[0],
-        "prefill_tok_s": ours_prefill(engine, pre),
-    }
-    steps = [ours_decode(engine, p1, args.new_tokens)[1] for _ in range(3)]
-    step_s = min(steps)
-    weight_bytes = engine.runner.model.weight_bytes()
-    engine.shutdown()
-
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=getattr(torch, args.hf_dtype)).eval()
-    hf_generate_time(hf, p1, 4)  # warm-up
-    theirs = {
-        "decode_b1_tok_s": hf_decode(hf, p1, args.new_tokens),
-        "decode_b16_tok_s": hf_decode(hf, p16, args.new_tokens),
-        "prefill_tok_s": hf_prefill(hf, pre),
-    }
-    del hf
-    bw = copy_bandwidth_gbs()
-    bound_s = weight_bytes / (bw * 1e9)
-    roofline = 100.0 * bound_s / step_s
-    print(f"model {os.path.basename(path)}  ours {args.dtype}  transformers {args.hf_dtype}  threads {args.threads}")
-    print(f"{'metric':<18}{'ours':>12}{'transformers':>14}{'ratio':>8}")
-    for k in ours:
-        print(f"{k:<18}{ours[k]:>12.1f}{theirs[k]:>14.1f}{ours[k] / theirs[k]:>7.2f}x")
-    print(f"batch-1 step {step_s * 1e3:.1f} ms; bound {bound_s * 1e3:.1f} ms "
-          f"({weight_bytes / 1e6:.0f} MB weights at {bw:.1f} GB/s copy bandwidth)")
-    print(f"engine resident memory (weights + KV pool + runtime): {rss_engine_mb:.0f} MiB")
-    r16 = ours["decode_b16_tok_s"] / theirs["decode_b16_tok_s"]
-    r1 = ours["decode_b1_tok_s"] / theirs["decode_b1_tok_s"]
-    write_json(args.json, {"ours": ours, "transformers": theirs, "dtype": args.dtype, "hf_dtype": args.hf_dtype, "threads": args.threads,
-                           "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "copy_gbs": bw,
-                           "weight_bytes": weight_bytes, "roofline_pct": roofline,
-                           "rss_engine_mib": rss_engine_mb, "ratio_b16": r16, "ratio_b1": r1})
-    print(f"engine: batch16 decode {r16:.1f}x transformers, batch1 {r1:.1f}x, roofline {roofline:.0f}%")
+    kinds = available_peers([k.strip() for k in args.peers.split(",") if k.strip()])
+    opts = {"threads": args.threads, "dtype": args.dtype, "hf_dtype": args.hf_dtype, "vllm_eager": args.vllm_eager,
+            "prompt_words": args.prompt_words, "prefill_words": args.prefill_words}
+    cores = sorted(os.sched_getaffinity(0))
+    load_before = os.getloadavg()
+    peers = {k: Peer(k, opts) for k in kinds}  # built one after another, then measured interleaved
+    try:
+        load_start = os.getloadavg()
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for kind, peer in peers.items():
+                runs[kind].append(measure_once(peer, args.new_tokens))
+        infos = {k: p.info for k, p in peers.items()}
+    finally:
+        for peer in peers.values():
+            peer.close()
+    load_after = os.getloadavg()
+    stats = {k: summarize(v) for k, v in runs.items()}
+    report(args, cores, stats, infos, (load_before, load_start, load_after), runs)
     return 0
+
+
+def ratio(stats, a: str, b: str, metric: str) -> float | None:
+    if a not in stats or b not in stats:
+        return None
+    return stats[a][metric]["median"] / stats[b][metric]["median"]
+
+
+def report(args, cores, stats, infos, loads, runs) -> None:
+    busy = loads[0][0] > args.max_load  # before our peers started (building them loads the cores too)
+    print(f"cores {cores}  threads {args.threads}  repeats {args.repeats} (interleaved)  "
+          f"load avg before {loads[0][0]:.2f}, at start {loads[1][0]:.2f}, after {loads[2][0]:.2f}")
+    if busy:
+        print(f"WARNING: the 1-minute load was {loads[0][0]:.2f} > {args.max_load} before the run: "
+              "the cores were shared, the ratios below are not trustworthy")
+    print(f"{'metric':<18}" + "".join(f"{k + ' (' + infos[k]['dtype'] + ')':>32}" for k in stats))
+    for m in METRICS:
+        row = "".join(f"{s[m]['median']:>14.1f} [{s[m]['min']:>6.1f}-{s[m]['max']:>6.1f}]     " for s in stats.values())
+        print(f"{m:<18}{row}")
+    roofline = None
+    if "torch" in stats:
+        bw = copy_bandwidth_gbs()
+        bound_s = infos["torch"]["weight_bytes"] / (bw * 1e9)
+        step_s = stats["torch"]["step_s"]["min"]
+        roofline = 100.0 * bound_s / step_s
+        print(f"ours batch-1 step {step_s * 1e3:.1f} ms (best of {args.repeats}); bound {bound_s * 1e3:.1f} ms "
+              f"({infos['torch']['weight_bytes'] / 1e6:.0f} MB weights at {bw:.1f} GB/s copy bandwidth)")
+    r = {f"{a}_vs_{b}_{m}": ratio(stats, a, b, m) for a, b in (("torch", "transformers"), ("torch", "vllm"))
+         for m in METRICS}
+    write_json(args.json, {"stats": stats, "runs": runs, "infos": infos, "cores": cores, "threads": args.threads,
+                           "loadavg": {"before": loads[0], "start": loads[1], "after": loads[2]},
+                           "cores_shared": busy, "roofline_pct": roofline, "ratios": r})
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.2f}x"
+
+    print(f"engine: batch16 decode {fmt(r['torch_vs_transformers_decode_b16_tok_s'])} transformers, "
+          f"batch1 {fmt(r['torch_vs_transformers_decode_b1_tok_s'])}, "
+          f"roofline {'n/a' if roofline is None else f'{roofline:.0f}%'}, "
+          f"vs vLLM batch16 {fmt(r['torch_vs_vllm_decode_b16_tok_s'])}, batch1 {fmt(r['torch_vs_vllm_decode_b1_tok_s'])}")
 
 
 if __name__ == "__main__":

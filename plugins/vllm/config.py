@@ -19,7 +19,7 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 @dataclass(frozen=True, slots=True)
 class VllmEngineConfig:
     model: str = ""  # GGUF file or Hugging Face directory; "" = the default SmolLM2 GGUF
-    dtype: str = "auto"  # vLLM's: auto = bfloat16 on this CPU
+    dtype: str = "auto"  # auto: bfloat16 where the CPU computes in it, else float32 (as ours)
     device: str = "cpu"  # "cpu" (vLLM's CPU build) or "cuda[:N]" (a CUDA build of vLLM)
     block_size: int = 32
     kv_cache_mb: int = 256
@@ -28,7 +28,7 @@ class VllmEngineConfig:
     max_model_len: int = 2048  # 0: the model's own context length
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: skip torch.compile (starts in seconds, decodes slower)
-    cpu_threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND ("0-1", "nobind"); "" = vLLM's auto
+    num_threads: int = 0  # torch threads of the engine's loop thread; 0 = torch's default
     worker_id: str = "worker"
     cache_dir: str = ""  # where the Hugging Face directory of a GGUF is written
     kv_events_endpoint: str = ""  # where vLLM's own ZMQ publisher binds ("" = no events)
@@ -45,6 +45,8 @@ class VllmEngineConfig:
             raise ConfigError(
                 f"block_size must be a multiple of 32 for vLLM on CPU (its CPU attention), got {self.block_size}"
             )
+        if self.num_threads < 0:
+            raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
         return self

@@ -61,6 +61,7 @@ class VllmEngine(Engine):
         self._inbox: deque[tuple[str, object]] = deque()
         self._sinks: dict[str, ChunkSink] = {}  # loop thread only
         self._prompt_lens: dict[str, int] = {}
+        self._prefilling: dict[str, int] = {}  # prompt tokens of requests without a first token
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False
@@ -133,6 +134,7 @@ class VllmEngine(Engine):
     def _loop(self) -> None:
         llm = self._llm
         try:
+            _adopt_torch_threads(self.config.num_threads)
             while not self._stopping:
                 self._drain_inbox()
                 if not llm.has_unfinished_requests():
@@ -148,6 +150,7 @@ class VllmEngine(Engine):
                     continue
                 for out in outputs:
                     self._emit(out)
+                self._stats_logger.active_prefill_tokens = sum(self._prefilling.values())
         finally:
             self._drain_inbox(rejecting=True)
             for request_id in list(self._sinks):
@@ -184,6 +187,7 @@ class VllmEngine(Engine):
             return
         self._sinks[rid] = sink
         self._prompt_lens[rid] = len(request.input_ids)
+        self._prefilling[rid] = len(request.input_ids)
 
     def _emit(self, out) -> None:
         rid = out.request_id
@@ -191,6 +195,8 @@ class VllmEngine(Engine):
             return
         completion = out.outputs[0] if out.outputs else None
         tokens = tuple(completion.token_ids) if completion is not None else ()
+        if tokens:
+            self._prefilling.pop(rid, None)
         if self._stats_logger is not None:
             self._stats_logger.generated_tokens += len(tokens)
         if not out.finished:
@@ -206,6 +212,7 @@ class VllmEngine(Engine):
     def _finish(self, rid: str, tokens: tuple[int, ...], reason: str, cached: int = 0, error: str | None = None) -> None:
         sink = self._sinks.pop(rid)
         prompt_len = self._prompt_lens.pop(rid, 0)
+        self._prefilling.pop(rid, None)
         try:
             sink(TokenChunk(rid, tokens, True, reason, prompt_len, cached, error))
         except Exception:
@@ -218,3 +225,14 @@ class VllmEngine(Engine):
             except Exception:
                 pass
             self._finish(rid, (), FINISH_ERROR, error=message)
+
+
+def _adopt_torch_threads(num_threads: int) -> None:
+    """OpenMP's thread count is per thread: give this (loop) thread `num_threads`, or torch's
+    global count, which vLLM's CPU attention sizes its metadata by (a mismatch fails every
+    step: "Check failed: input->metadata->thread_num == thread_num"). In process, vLLM binds
+    no threads (`VLLM_CPU_OMP_THREADS_BIND` is applied by its multiprocess executor only) but
+    replaces `torch.set_num_threads` with a no-op; the original is `torch._C.set_num_threads`."""
+    import torch
+
+    torch._C.set_num_threads(num_threads or torch.get_num_threads())

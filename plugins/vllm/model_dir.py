@@ -28,7 +28,7 @@ from trident.core.model_files import model_id_for, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1  # bump when what the directory holds changes
+_FORMAT = 2  # bump when what the directory holds changes
 
 
 def hf_model_dir(model: str, cache_dir: str = "") -> str:

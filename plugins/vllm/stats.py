@@ -18,6 +18,7 @@ class SchedulerStatsLogger(StatLoggerBase):
     def __init__(self) -> None:  # noqa: D107 - vLLM's base takes (config, index): see __call__
         self.total_blocks = 0
         self.generated_tokens = 0  # counted by the engine loop
+        self.active_prefill_tokens = 0  # set by the engine loop: prompts not yet prefilled
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._preemptions = 0
@@ -41,7 +42,7 @@ class SchedulerStatsLogger(StatLoggerBase):
             active_blocks=active,
             total_blocks=self.total_blocks,
             cached_blocks=0,  # vLLM reports usage, not its count of cached free blocks
-            active_prefill_tokens=0,
+            active_prefill_tokens=self.active_prefill_tokens,
             prompt_tokens=self._prompt_tokens,
             cached_prompt_tokens=self._cached_tokens,
             generated_tokens=self.generated_tokens,
@@ -51,18 +52,19 @@ class SchedulerStatsLogger(StatLoggerBase):
     def idle(self) -> None:
         """Nothing is running or waiting (vLLM reports usage only after a step: after the last
         request finished or was aborted, its last report still counts it)."""
+        self.active_prefill_tokens = 0
         latest = self._latest
-        if latest.running or latest.waiting or latest.active_blocks:
+        if latest.running or latest.waiting or latest.active_blocks or latest.active_prefill_tokens:
             fields = {f: getattr(latest, f) for f in EngineStats.__slots__}
-            fields.update(running=0, waiting=0, active_blocks=0)
+            fields.update(running=0, waiting=0, active_blocks=0, active_prefill_tokens=0)
             self._latest = EngineStats(**fields)
 
     def snapshot(self) -> EngineStats:
         latest = self._latest
-        if latest.generated_tokens == self.generated_tokens:
+        if (latest.generated_tokens, latest.active_prefill_tokens) == (self.generated_tokens, self.active_prefill_tokens):
             return latest
         fields = {f: getattr(latest, f) for f in EngineStats.__slots__}
-        fields["generated_tokens"] = self.generated_tokens
+        fields.update(generated_tokens=self.generated_tokens, active_prefill_tokens=self.active_prefill_tokens)
         return EngineStats(**fields)
 
     def log_engine_initialized(self) -> None:

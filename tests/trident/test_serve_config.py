@@ -30,6 +30,8 @@ def test_flags_beat_env_which_beats_defaults() -> None:
         (["--log-level", "loud"], {}, "log_level"),
         ([], {"TRIDENT_KV_CACHE_MB": "lots"}, "kv_cache_mb: cannot parse"),
         (["--device", "tpu"], {}, "device"),
+        (["--engine", "sglang"], {}, "engine must be one of"),
+        (["--engine", "vllm", "--prefill", "1"], {}, "vllm engine serves aggregated only"),
     ],
 )
 def test_bad_values_name_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:
@@ -48,3 +50,18 @@ def test_engine_env_exports_only_what_was_set(tmp_path) -> None:
         "TRIDENT_KV_CACHE_MB": "64",
         "TRIDENT_NUM_THREADS": "1",
     }
+
+
+def test_vllm_engine_sets_the_routers_block_size() -> None:
+    env = ServeConfig.from_args(["--engine", "vllm", "--decode", "2"], env={}).engine_env()
+    assert env["TRIDENT_ENGINE"] == "vllm" and env["TRIDENT_ROUTER_BLOCK_SIZE"] == "32"
+    assert "TRIDENT_ROUTER_BLOCK_SIZE" not in ServeConfig(engine="torch").engine_env()
+
+
+def test_engine_names_and_vllm_block_size_match_the_plugins() -> None:
+    from plugins.triton.engines import ENGINES
+    from plugins.vllm.config import VllmEngineConfig
+    from trident import serve_config
+
+    assert serve_config.ENGINES == ENGINES
+    assert serve_config.VLLM_BLOCK_SIZE == VllmEngineConfig().block_size

@@ -103,7 +103,7 @@ def test_abort_frees_vllms_blocks(engine, tok) -> None:
     scheduler = engine._llm.engine_core.engine_core.scheduler  # vLLM's own view of its pool
     assert scheduler.kv_cache_manager.usage == 0.0 and not scheduler.running
     stats = engine.stats()
-    assert stats.running == 0 and stats.waiting == 0
+    assert stats.running == 0 and stats.waiting == 0 and stats.active_prefill_tokens == 0
     engine.abort("long")  # unknown now: nothing happens
 
 
