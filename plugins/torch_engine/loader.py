@@ -123,15 +123,22 @@ def check_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor], sour
 
 def cache_path(gguf_path: str, cache_dir: str = "") -> str:
     """Where the dequantized weights of `gguf_path` are cached (path + size + mtime key)."""
+    return cache_entry(gguf_path, cache_dir, "gguf", _CACHE_FORMAT) + ".safetensors"
+
+
+def cache_entry(source: str, cache_dir: str, kind: str, version: int) -> str:
+    """`<cache root>/<kind>/<model id>-<digest>`: the digest keys the entry to `source`'s path,
+    size and mtime and to the entry's format `version`. The root is `cache_dir`, else
+    `TRIDENT_CACHE_DIR`, else `~/.cache/trident`. Also used by `plugins.vllm.model_dir`."""
     root = (
         cache_dir
         or os.environ.get("TRIDENT_CACHE_DIR")
         or os.path.join(os.path.expanduser("~"), ".cache", "trident")
     )
-    st = os.stat(gguf_path)
-    key = f"{_CACHE_FORMAT}|{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}"
+    st = os.stat(source)
+    key = f"{version}|{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(root, "gguf", f"{model_id_for(gguf_path)}-{digest}.safetensors")
+    return os.path.join(root, kind, f"{model_id_for(source)}-{digest}")
 
 
 def _load_cached(

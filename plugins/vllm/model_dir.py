@@ -18,13 +18,12 @@ Who calls it: `plugins.vllm.engine.VllmEngine.start()` (and the benchmarks).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 
-from trident.core.model_files import model_id_for, resolve_model_path
+from trident.core.model_files import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,9 @@ def hf_model_dir(model: str, cache_dir: str = "") -> str:
 
 
 def _cache_dir_for(gguf_path: str, cache_dir: str) -> str:
-    root = (
-        cache_dir
-        or os.environ.get("TRIDENT_CACHE_DIR")
-        or os.path.join(os.path.expanduser("~"), ".cache", "trident")
-    )
-    st = os.stat(gguf_path)
-    key = f"{_FORMAT}|{gguf_path}|{st.st_size}|{st.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(root, "hf", f"{model_id_for(gguf_path)}-{digest}")
+    from plugins.torch_engine.loader import cache_entry
+
+    return cache_entry(gguf_path, cache_dir, "hf", _FORMAT)
 
 
 def _export(gguf_path: str, target: str) -> None:
