@@ -232,11 +232,7 @@ class KvEventSubscriber:
             if old.spec == spec:
                 return
             self._remove(spec.worker_id)
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(spec.endpoint)
+        sub = self._open_sub(spec.endpoint)
         conn = _Conn(spec, sub, self.router.block_size)
         if spec.reports_load:  # it heartbeats from the moment it is ready: time its first word
             conn.waiting_since = self._clock()
@@ -329,11 +325,7 @@ class KvEventSubscriber:
             conn.translator = HashTranslator(conn.spec.worker_id, self.router.block_size)
         elif conn.translator is not None:
             conn.translator.clear()
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(message.events_endpoint)
+        sub = self._open_sub(message.events_endpoint)
         conn.engine_sub = sub
         conn.engine_replay = message.events_replay_endpoint
         self._owner[sub] = conn
@@ -347,11 +339,8 @@ class KvEventSubscriber:
         )
 
     def _close_engine_sub(self, conn: _Conn) -> None:
-        if conn.engine_sub is not None:
-            self._poller.unregister(conn.engine_sub)
-            self._owner.pop(conn.engine_sub, None)
-            conn.engine_sub.close(linger=0)
-            conn.engine_sub = None
+        self._forget(conn.engine_sub)
+        conn.engine_sub = None
 
     def _seen(self, conn: _Conn, reported_id: str, block_size: int, resync_endpoint: str) -> None:
         wid = conn.spec.worker_id
@@ -493,12 +482,24 @@ class KvEventSubscriber:
 
     # ------------------------------------------------------------ sockets and status
 
+    def _open_sub(self, endpoint: str) -> zmq.Socket:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        return sub
+
+    def _forget(self, sock: zmq.Socket | None) -> None:
+        """Stop polling a worker's extra socket (dealer, engine stream) and close it."""
+        if sock is not None:
+            self._poller.unregister(sock)
+            self._owner.pop(sock, None)
+            sock.close(linger=0)
+
     def _close_dealer(self, conn: _Conn) -> None:
-        if conn.dealer is not None:
-            self._poller.unregister(conn.dealer)
-            self._owner.pop(conn.dealer, None)
-            conn.dealer.close(linger=0)
-            conn.dealer = None
+        self._forget(conn.dealer)
+        conn.dealer = None
 
     def _close_sockets(self) -> None:
         for conn in list(self._conns.values()):
