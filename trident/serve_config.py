@@ -89,11 +89,6 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be in [0, 65535], got {port}")
         if self.engine and self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.engine == "vllm" and self.prefill:
-            raise ConfigError(
-                "prefill: the vllm engine serves aggregated only (it has no KV handoff between "
-                "workers yet); use --prefill 0, or --engine torch for disaggregation"
-            )
         if self.decode < 1:
             raise ConfigError(f"decode must be >= 1, got {self.decode}")
         if self.router_policy and self.router_policy not in ROUTER_POLICIES:

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,17 @@ from trident.core.errors import KVTransferError
 log = logging.getLogger(__name__)
 
 _RELEASE_LINGER_MS = 1000
+
+
+def check_layout(desc: KVDescriptor, handle: PoolHandle, layout: KVLayout) -> None:
+    """Raise `KVTransferError` unless the descriptor's blocks are in `layout`."""
+    fingerprint = layout.fingerprint()
+    if desc.fingerprint != fingerprint or handle.layout.fingerprint() != fingerprint:
+        raise KVTransferError(
+            f"KV layout mismatch: worker {desc.worker_id} has {handle.layout.describe()} "
+            f"(fingerprint {desc.fingerprint}), this worker has {layout.describe()} "
+            f"(fingerprint {fingerprint}); its blocks cannot be used here"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +79,7 @@ class KVImporterImpl:
         self._check_open()
         desc = decode_descriptor(descriptor)
         handle = self._parse_handle(desc.pool_handle)
-        if (
-            desc.fingerprint != self._fingerprint
-            or handle.layout.fingerprint() != self._fingerprint
-        ):
-            raise KVTransferError(
-                f"KV layout mismatch: worker {desc.worker_id} has {handle.layout.describe()} "
-                f"(fingerprint {desc.fingerprint}), this worker has {self.layout.describe()} "
-                f"(fingerprint {self._fingerprint}); its blocks cannot be used here"
-            )
+        check_layout(desc, handle, self.layout)
         now = time.time()
         if desc.lease_expiry <= now:
             raise KVTransferError(
@@ -95,23 +99,32 @@ class KVImporterImpl:
     def pull(self, desc: KVDescriptor, dst_pool: torch.Tensor, dst_block_ids: list[int]) -> None:
         """Copy `desc.block_ids[i]` of the peer pool into `dst_pool[dst_block_ids[i]]`."""
         self._check_open()
-        handle = self._parse_handle(desc.pool_handle)
-        peer = self._peer(handle)
         self._check_dst(dst_pool)
         if len(dst_block_ids) != len(desc.block_ids):
             raise KVTransferError(
                 f"dst_block_ids: {len(dst_block_ids)} blocks for {len(desc.block_ids)} source blocks"
             )
-        # The copy moves raw pointers: an id out of range must never reach it.
-        src_ids = check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
         dst_ids = check_ids("dst_block_ids", dst_block_ids, dst_pool.shape[0])
         if len(set(dst_ids)) != len(dst_ids):
             raise KVTransferError("dst_block_ids: a block appears twice")
+        self.read(desc, lambda peer, src_ids: self._copier.copy(peer, dst_pool, src_ids, dst_ids))
+
+    def read(self, desc: KVDescriptor, copy: Callable[[torch.Tensor, list[int]], None]) -> None:
+        """Run `copy(peer_pool, src_ids)` under the lease: `src_ids` (`desc.block_ids`) are
+        checked against the peer pool first, and the lease must be live before and after.
+
+        For a destination that is not a pool in this layout (vLLM's own per-layer cache):
+        `copy` reads `peer_pool[src_ids]` (read-only on CPU) and writes where it likes."""
+        self._check_open()
+        handle = self._parse_handle(desc.pool_handle)
+        peer = self._peer(handle)
+        # The copy moves raw pointers: an id out of range must never reach it.
+        src_ids = check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
         if time.time() >= desc.lease_expiry:
             raise KVTransferError(
                 f"KV lease {desc.lease_id} of worker {desc.worker_id} has expired"
             )
-        self._copier.copy(peer.tensor, dst_pool, src_ids, dst_ids)
+        copy(peer.tensor, src_ids)
         if time.time() >= desc.lease_expiry:
             # The exporter frees only after a grace period, but past the expiry there is no
             # promise left: the caller must recompute instead of trusting these blocks.

@@ -32,19 +32,24 @@ class VllmEngineConfig:
     worker_id: str = "worker"
     cache_dir: str = ""  # where the Hugging Face directory of a GGUF is written
     kv_events_endpoint: str = ""  # where vLLM's own ZMQ publisher binds ("" = no events)
+    shareable_kv: bool = False  # a prefill worker: stage held prompts in a shareable pool
+    kv_staging_mb: int = 128  # that pool (prompts between prefill and the decode worker's pull)
+    lease_ttl_s: float = 30.0
 
     def validate(self) -> VllmEngineConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "kv_staging_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.device == "cpu" and self.block_size % 32:
             raise ConfigError(
                 f"block_size must be a multiple of 32 for vLLM on CPU (its CPU attention), got {self.block_size}"
             )
+        if not self.lease_ttl_s > 0:
+            raise ConfigError(f"lease_ttl_s must be positive, got {self.lease_ttl_s}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
         if self.max_model_len < 0:

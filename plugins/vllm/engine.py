@@ -20,20 +20,30 @@ keeps the contract of `plugins.base`:
 - `shutdown` stops the loop, finishes outstanding requests with "abort" and lets vLLM free
   its KV cache and publisher. Idempotent.
 
-Ownership: vLLM owns its KV cache and every block in it. Disaggregated handoff (`hold_kv`,
-`kv_descriptor`) needs a vLLM KV connector and is refused with a clear error.
+Disaggregation goes through vLLM's KV connector interface, with ours as the connector
+(`plugins.vllm.connector`): a `hold_kv` request (prefill worker, `shareable_kv`) leaves its
+prompt staged under a lease and its last chunk carries the descriptor; a `kv_descriptor`
+request (decode worker) is added to vLLM as the prompt plus `first_token`, whose KV vLLM
+loads through the connector, with `max_tokens` and `min_tokens` less the first token, which
+the prefill worker has already streamed. `submit` checks both before anything is queued.
+
+Ownership: vLLM owns its KV cache and every block in it; the connector's `KVBridge` owns the
+staging pool and its leases, and `shutdown` closes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
 
 from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.vllm.config import VllmEngineConfig
+from plugins.vllm.handoff import DESCRIPTOR, HOLD, check_descriptor, check_hold, release_lease
+from plugins.vllm.kv_bridge import find_bridge
 from plugins.vllm.stats import SchedulerStatsLogger
-from trident.core.errors import EngineError, ValidationError
+from trident.core.errors import EngineError
 from trident.core.types import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -57,6 +67,7 @@ class VllmEngine(Engine):
         self._llm = None  # vllm LLMEngine, built by start()
         self._info: EngineInfo | None = None
         self._stats_logger: SchedulerStatsLogger | None = None
+        self._bridge = None  # plugins.vllm.kv_bridge.KVBridge, once started
         self._lock = threading.Lock()
         self._inbox: deque[tuple[str, object]] = deque()
         self._sinks: dict[str, ChunkSink] = {}  # loop thread only
@@ -76,6 +87,7 @@ class VllmEngine(Engine):
         self._stats_logger = SchedulerStatsLogger()
         self._llm, self._info = build_llm_engine(self.config, self._stats_logger)
         self._stats_logger.total_blocks = self._info.num_blocks
+        self._bridge = find_bridge(self.config.worker_id)  # built by vLLM's connector halves
         self._thread = threading.Thread(target=self._loop, name=f"vllm-{self.config.worker_id}", daemon=True)
         self._thread.start()
 
@@ -100,6 +112,11 @@ class VllmEngine(Engine):
                 llm.engine_core.shutdown()  # frees the KV cache, closes vLLM's event publisher
             except Exception:
                 logger.exception("engine %s: vLLM shutdown failed", self.config.worker_id)
+            from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown
+
+            ensure_kv_transfer_shutdown()  # vLLM's process-wide connector: a later engine builds its own
+        if self._bridge is not None:
+            self._bridge.close()  # the staging pool, its leases, the importer's mappings
 
     # -- any thread ----------------------------------------------------------------------
     def submit(self, request: GenerateRequest, sink: ChunkSink) -> None:
@@ -107,11 +124,10 @@ class VllmEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shutting down")
         request.validate(info.vocab_size, info.max_model_len)
-        if request.hold_kv or request.kv_descriptor is not None:
-            raise ValidationError(
-                "kv_descriptor" if request.kv_descriptor is not None else "hold_kv",
-                "the vllm engine serves aggregated requests only (no KV handoff between workers)",
-            )
+        if request.hold_kv:
+            check_hold(request, self._bridge, info)
+        if request.kv_descriptor is not None:
+            check_descriptor(request, info)
         self._post("submit", (request, sink))
 
     def abort(self, request_id: str) -> None:
@@ -123,7 +139,9 @@ class VllmEngine(Engine):
     def stats(self) -> EngineStats:
         if self._stats_logger is None:
             return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        return self._stats_logger.snapshot()
+        stats = self._stats_logger.snapshot()
+        held = self._bridge.held_blocks() if self._bridge is not None else 0
+        return dataclasses.replace(stats, held_blocks=held) if held != stats.held_blocks else stats
 
     def _post(self, kind: str, item: object) -> None:
         with self._lock:
@@ -139,6 +157,8 @@ class VllmEngine(Engine):
                 self._drain_inbox()
                 if not llm.has_unfinished_requests():
                     self._stats_logger.idle()
+                    if self._bridge is not None:
+                        self._bridge.reclaim()  # vLLM steps reclaim released leases; idle, this does
                     self._wake.wait(1.0)
                     self._wake.clear()
                     continue
@@ -179,15 +199,30 @@ class VllmEngine(Engine):
         if rid in self._sinks:
             sink(TokenChunk(rid, (), True, FINISH_ERROR, error=f"request_id {rid!r} is already running"))
             return
+        prompt, sampling, transfer = list(request.input_ids), request.sampling, None
+        if request.hold_kv:
+            transfer = {HOLD: True}
+        elif request.kv_descriptor is not None:
+            # The prefill worker sampled and streamed the first token: it is part of vLLM's
+            # prompt here (its KV is computed by this worker) and counts against the limits.
+            prompt.append(int(request.first_token or 0))
+            sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1,
+                                           min_tokens=max(0, sampling.min_tokens - 1))
+            transfer = {DESCRIPTOR: request.kv_descriptor}
+            if sampling.max_tokens <= 0:  # nothing left to generate: only the lease to end
+                release_lease(self._bridge, request.kv_descriptor)
+                sink(TokenChunk(rid, (), True, FINISH_LENGTH, len(request.input_ids)))
+                return
         try:
-            self._llm.add_request(rid, {"prompt_token_ids": list(request.input_ids)}, sampling_params(request.sampling))
+            self._llm.add_request(rid, {"prompt_token_ids": prompt}, sampling_params(sampling, transfer))
         except Exception as exc:
             logger.warning("engine %s: vLLM refused request %s: %s", self.config.worker_id, rid, exc)
             sink(TokenChunk(rid, (), True, FINISH_ERROR, error=f"vLLM refused the request: {exc}"))
             return
         self._sinks[rid] = sink
         self._prompt_lens[rid] = len(request.input_ids)
-        self._prefilling[rid] = len(request.input_ids)
+        if request.kv_descriptor is None:  # a loaded prompt is no prefill work here
+            self._prefilling[rid] = len(request.input_ids)
 
     def _emit(self, out) -> None:
         rid = out.request_id
@@ -207,14 +242,16 @@ class VllmEngine(Engine):
         reason = _FINISH.get(completion.finish_reason if completion is not None else "", FINISH_STOP)
         if reason == FINISH_STOP and tokens and not isinstance(completion.stop_reason, str):
             tokens = tokens[:-1]  # the contract: the stop token (EOS or stop_token_ids) is not output
-        self._finish(rid, tokens, reason, out.num_cached_tokens or 0)
+        descriptor = (out.kv_transfer_params or {}).get(DESCRIPTOR)  # a hold_kv request's lease
+        self._finish(rid, tokens, reason, out.num_cached_tokens or 0, kv_descriptor=descriptor)
 
-    def _finish(self, rid: str, tokens: tuple[int, ...], reason: str, cached: int = 0, error: str | None = None) -> None:
+    def _finish(self, rid: str, tokens: tuple[int, ...], reason: str, cached: int = 0, error: str | None = None,
+                kv_descriptor: bytes | None = None) -> None:
         sink = self._sinks.pop(rid)
         prompt_len = self._prompt_lens.pop(rid, 0)
         self._prefilling.pop(rid, None)
         try:
-            sink(TokenChunk(rid, tokens, True, reason, prompt_len, cached, error))
+            sink(TokenChunk(rid, tokens, True, reason, prompt_len, cached, error, kv_descriptor))
         except Exception:
             logger.exception("engine %s: sink of %s failed", self.config.worker_id, rid)
 

@@ -12,9 +12,9 @@ import logging
 import os
 
 from kv_manager.events import EngineEvents
-from kv_manager.layout import KVLayout
 from plugins.base import EngineInfo
 from plugins.vllm.config import VllmEngineConfig
+from plugins.vllm.kv_bridge import kv_layout
 from plugins.vllm.model_dir import hf_model_dir
 from trident.core.model_files import hf_eos_token_ids, model_id_for, resolve_model_path
 from trident.core.types import SamplingParams
@@ -28,6 +28,27 @@ EVENTS_TOPIC = "kv-events"
 def replay_endpoint(endpoint: str) -> str:
     """vLLM's replay (ROUTER) socket beside its PUB socket."""
     return endpoint + "-replay"
+
+
+def transfer_config(config: VllmEngineConfig):
+    """vLLM's KV connector is ours (`plugins.vllm.connector`): every vLLM worker can load a
+    handed-off prompt; one with `shareable_kv` can also hand prompts off."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="TridentConnector",
+        kv_connector_module_path="plugins.vllm.connector",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config={
+            "worker_id": config.worker_id,
+            "model_id": model_id_for(resolve_model_path(config.model)),
+            "device": config.device,
+            "shareable_kv": config.shareable_kv,
+            "kv_staging_mb": config.kv_staging_mb,
+            "lease_ttl_s": config.lease_ttl_s,
+        },
+    )
 
 
 def engine_args(config: VllmEngineConfig, model_dir: str):
@@ -59,6 +80,7 @@ def engine_args(config: VllmEngineConfig, model_dir: str):
         seed=0,
         disable_log_stats=False,
         kv_events_config=events,
+        kv_transfer_config=transfer_config(config),
     )
 
 
@@ -91,16 +113,8 @@ def build_llm_engine(config: VllmEngineConfig, stat_logger):
 def engine_info(config: VllmEngineConfig, llm, model_dir: str) -> EngineInfo:
     vc = llm.vllm_config
     mc = vc.model_config
-    dtype = str(mc.dtype).removeprefix("torch.")
     model_id = model_id_for(resolve_model_path(config.model))
-    layout = KVLayout(
-        num_layers=mc.get_num_layers(vc.parallel_config),
-        num_kv_heads=mc.get_num_kv_heads(vc.parallel_config),
-        head_dim=mc.get_head_size(),
-        block_size=vc.cache_config.block_size,
-        dtype=dtype,
-        model_id=model_id,
-    )
+    layout = kv_layout(vc, model_id)
     return EngineInfo(
         model_id=model_id,
         block_size=vc.cache_config.block_size,
@@ -116,8 +130,9 @@ def engine_info(config: VllmEngineConfig, llm, model_dir: str) -> EngineInfo:
     )
 
 
-def sampling_params(sampling: SamplingParams):
-    """vLLM's SamplingParams for ours: deltas of token ids, no detokenizing (the router does)."""
+def sampling_params(sampling: SamplingParams, kv_transfer_params: dict | None = None):
+    """vLLM's SamplingParams for ours: deltas of token ids, no detokenizing (the router does);
+    `kv_transfer_params` for our KV connector (`plugins.vllm.handoff`)."""
     from vllm import SamplingParams as VllmSampling
     from vllm.sampling_params import RequestOutputKind
 
@@ -133,4 +148,5 @@ def sampling_params(sampling: SamplingParams):
         ignore_eos=sampling.ignore_eos,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
     )

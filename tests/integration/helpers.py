@@ -1,12 +1,18 @@
-"""Small HTTP / metrics helpers for the integration tests (the gRPC client is trident.router_client)."""
+"""Small HTTP / metrics / worker-call helpers for the integration tests (the router's gRPC client is
+trident.router_client)."""
 
 from __future__ import annotations
 
 import json
+import queue
 import re
 from typing import Any
 
 import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from trident.router_client import to_array
 
 CHAT_FRANCE = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
 
@@ -35,3 +41,31 @@ def metric_values(metrics_url: str, name: str) -> dict[str, float]:
     for match in re.finditer(rf'^{name}\{{[^}}]*worker="([^"]+)"[^}}]*\}} ([0-9.eE+-]+)$', text, re.M):
         out[match.group(1)] = float(match.group(2))
     return out
+
+
+def call_worker(grpc_url: str, model: str, **inputs: Any) -> list[dict[str, np.ndarray]]:
+    """One request straight to a worker model; raw arrays (the descriptor is binary)."""
+    results: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: results.put(error if error is not None else result))
+    try:
+        tensors = []
+        for name, value in inputs.items():
+            array, datatype = to_array(name, value)
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        client.async_stream_infer(model, tensors, request_id="direct", enable_empty_final_response=True)
+        out = []
+        while True:
+            item = results.get(timeout=120)
+            if isinstance(item, Exception):
+                raise item
+            response = item.get_response()
+            if response.outputs:
+                out.append({o.name: item.as_numpy(o.name) for o in response.outputs})
+            if response.parameters["triton_final_response"].bool_param:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.helpers import generate, metric_values
+from tests.integration.helpers import call_worker, generate, metric_values
 from tests.waiting import wait_for
 from trident.launcher import ENGINE_SHM_PREFIX, SHM_DIR, Launcher
-from trident.router_client import RouterClient, to_array
+from trident.router_client import RouterClient
 from trident.serve_config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -95,38 +95,8 @@ def _used(launcher: Launcher, worker: str) -> float:
     return metric_values(_urls(launcher)[2], "trident_kv_blocks_used").get(worker, -1.0)
 
 
-def _call_worker(grpc_url: str, model: str, **inputs: Any) -> list[dict[str, np.ndarray]]:
-    """One request straight to a worker model; raw arrays (the descriptor is binary)."""
-    import tritonclient.grpc as grpcclient
-
-    results: queue.Queue[Any] = queue.Queue()
-    client = grpcclient.InferenceServerClient(grpc_url)
-    client.start_stream(callback=lambda result, error: results.put(error if error is not None else result))
-    try:
-        tensors = []
-        for name, value in inputs.items():
-            array, datatype = to_array(name, value)
-            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        client.async_stream_infer(model, tensors, request_id="direct", enable_empty_final_response=True)
-        out = []
-        while True:
-            item = results.get(timeout=120)
-            if isinstance(item, Exception):
-                raise item
-            response = item.get_response()
-            if response.outputs:
-                out.append({o.name: item.as_numpy(o.name) for o in response.outputs})
-            if response.parameters["triton_final_response"].bool_param:
-                return out
-    finally:
-        client.stop_stream()
-        client.close()
-
-
 def _prefill_with_lease(grpc_url: str, ids: list[int]) -> tuple[int, bytes]:
-    out = _call_worker(grpc_url, "prefill", input_ids=np.asarray(ids, np.int32), max_tokens=1,
+    out = call_worker(grpc_url, "prefill", input_ids=np.asarray(ids, np.int32), max_tokens=1,
                        temperature=0.0, hold_kv=np.array([True]))
     last = out[-1]
     assert last["finish_reason"][0] == b"length"
@@ -166,7 +136,7 @@ def test_unpulled_and_refused_leases_expire(server: Launcher) -> None:
     assert decode_descriptor(unpulled).num_tokens == 100
     forged = encode_descriptor(replace(decode_descriptor(refused), fingerprint="0123456789abcdef"))
     with pytest.raises(InferenceServerException) as err:
-        _call_worker(grpc_url, "decode", input_ids=np.arange(2000, 2050, dtype=np.int32), max_tokens=4,
+        call_worker(grpc_url, "decode", input_ids=np.arange(2000, 2050, dtype=np.int32), max_tokens=4,
                      kv_descriptor=np.array([forged], dtype=np.object_), first_token=np.array([first], np.int32))
     message = str(err.value)
     assert "KV layout mismatch" in message and "0123456789abcdef" in message, message
@@ -235,7 +205,7 @@ def test_a_shared_prefix_goes_to_the_prefill_worker_that_cached_it(server: Launc
                 for _ in range(2):
                     prefix = [int(t) for t in rng.integers(300, 4000, size=96)]  # 6 blocks
                     tail = [int(t) for t in rng.integers(300, 4000, size=8)]
-                    _call_worker(grpc_url, worker, input_ids=np.asarray(prefix + tail, np.int32), max_tokens=1)
+                    call_worker(grpc_url, worker, input_ids=np.asarray(prefix + tail, np.int32), max_tokens=1)
                     prefixes.append(prefix)
             time.sleep(1.0)  # events are published every 10 ms; leave the router time to index them
             for worker, prefixes in owners.items():

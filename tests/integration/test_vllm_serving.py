@@ -1,8 +1,10 @@
-"""vLLM workers in the real tritonserver: `trident serve --engine vllm` with two decode workers.
+"""vLLM workers in the real tritonserver: `trident serve --engine vllm --prefill 1 --decode 2`.
 
 The router hears vLLM's own KV events (its ZMQ publisher, hashed its own way; the router
-recomputes its hashes from the events' token ids) and the workers' load reports. One server
-for this module; vLLM in eager mode so that it starts in seconds.
+recomputes its hashes from the events' token ids) and the workers' load reports. Prompts of
+DISAGG_THRESHOLD uncached tokens or more are prefilled by the vLLM prefill worker and handed
+to a vLLM decode worker through our KV connector; shorter ones stay on the decode workers.
+One server for this module; vLLM in eager mode so that it starts in seconds.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.frontend.conftest import MODEL_ID, start_frontend  # noqa: E402
-from tests.integration.helpers import metric_values  # noqa: E402
+from tests.integration.helpers import call_worker, metric_values  # noqa: E402
 from tests.integration.server_fixture import ServerInfo, serve_config_for_tests  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 from trident.launcher import Launcher  # noqa: E402
 from trident.router_client import RouterClient  # noqa: E402
 
 BLOCK = 32  # vLLM's CPU block size, the router's too when the engine is vllm
+DISAGG_THRESHOLD = 400  # above every prompt of the aggregated tests below
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo
 
     tmp_dir = str(tmp_path_factory.mktemp("tritonserver-vllm"))
     # fp32 KV: 2048 tokens (max_model_len) need ~90 MiB
-    config = dataclasses.replace(serve_config_for_tests(tmp_dir), engine="vllm", kv_cache_mb=128)
+    config = dataclasses.replace(serve_config_for_tests(tmp_dir), engine="vllm", kv_cache_mb=128, prefill=1,
+                                 disagg_threshold=DISAGG_THRESHOLD)
     launcher = Launcher(config)
     saved = os.environ.get("TRIDENT_ENFORCE_EAGER")
     os.environ["TRIDENT_ENFORCE_EAGER"] = "1"  # the server's environment is built in start()
@@ -130,3 +134,49 @@ def test_shared_prefix_goes_back_to_the_vllm_worker_that_cached_it(vllm_server: 
     text = httpx.get(vllm_server.metrics_url, timeout=10).text
     predicted = re.findall(r'^trident_router_cache_hit_rate\{[^}]*kind="predicted"[^}]*\} (\S+)$', text, re.M)
     assert predicted and max(float(v) for v in predicted) > 0, predicted
+
+
+def test_vllm_prefill_then_vllm_decode_equals_vllm_aggregated(vllm_server: ServerInfo) -> None:
+    """Greedy, token for token: prompts prefilled by the vLLM prefill worker (over its 512-token
+    step budget, so staged over two steps; sharing another's prefix, so staged partly from the
+    prefill worker's prefix cache; neither) and decoded by a vLLM decode worker, against the
+    same prompts computed by the other decode worker alone, which has never seen them."""
+    import numpy as np
+
+    from router_ensemble.text.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("")
+    def days(first: int, last: int) -> str:
+        return " ".join(f"On day {i} the keeper of the lighthouse counted {i * 7 % 13} ships and {i * 5 % 11} gulls."
+                        for i in range(first, last))
+
+    log = f"Log {uuid.uuid4().hex}. " + days(0, 28)
+    # A (over 512 tokens); A plus as much again (the decode worker that got A holds A, the
+    # rest is still over the threshold); a third, fresh one under 512 tokens
+    prompts = [tok.encode(text) for text in (log, log + " " + days(28, 56), f"Log {uuid.uuid4().hex}. " + days(0, 21))]
+    assert min(len(p) for p in prompts) >= DISAGG_THRESHOLD + 8 and len(prompts[0]) > 512 and len(prompts[1]) < 2000
+    rng = np.random.default_rng(5)
+    with RouterClient(vllm_server.grpc_url) as client:
+
+        def prefill_worker_in_use() -> bool:  # the router adds it once it has reported its load
+            probe = [int(t) for t in rng.integers(300, 4000, size=DISAGG_THRESHOLD + 8)]
+            return client.generate(input_ids=probe, max_tokens=2)[-1]["worker"].startswith("prefill>")
+
+        assert wait_for(prefill_worker_in_use, timeout=90, interval=1.0), "the router never used the prefill worker"
+        for i, ids in enumerate(prompts):
+            streamed = client.generate(input_ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True, stream=True)
+            route = streamed[-1]["worker"]
+            assert route.startswith("prefill>"), route
+            if i == 1:  # the prefill worker's own prefix cache held A
+                assert streamed[-1]["cached_tokens"] >= len(prompts[0]) // BLOCK * BLOCK - BLOCK, streamed[-1]
+            assert len(streamed[0]["output_ids"]) == 1  # the prefill worker's token, sent at once
+            handed = sum((r["output_ids"] for r in streamed), [])
+            other = next(w for w in vllm_server.decode_models if w != route.split(">")[1])
+            out = call_worker(vllm_server.grpc_url, other, input_ids=np.asarray(ids, np.int32), max_tokens=12,
+                              temperature=0.0, ignore_eos=np.array([True]))
+            alone = [int(t) for o in out for t in o["output_ids"]]
+            assert handed == alone, (len(ids), route, other, tok.decode(handed), tok.decode(alone))
+            assert streamed[-1]["finish_reason"] == "length" and streamed[-1]["num_input_tokens"] == len(ids)
+    # every lease was released: the prefill worker's staging blocks are back
+    assert wait_for(lambda: metric_values(vllm_server.metrics_url, "trident_kv_blocks_held").get("prefill") == 0,
+                    timeout=10), metric_values(vllm_server.metrics_url, "trident_kv_blocks_held")

@@ -117,9 +117,12 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
         assert wait_for(lambda: connector.replicas()["decode"] == ("decode", "decode_1"), timeout=120, interval=0.5), \
             f"the planner did not add a replica: {[r.decision.reasons for r in loop.records[-3:]]}"
         assert wait_for(lambda: "decode_1" in high.workers(), timeout=60, interval=0.5), "the router never used decode_1"
-        # the low load starts while both workers still serve the high one, so some of its
-        # streams are on decode_1 when the planner sees the load fall and drains it
+        # the low load starts while both workers still serve the high one, and the high one
+        # stops only once the router has sent low streams to decode_1 too: they are still
+        # running there, back to back, when the planner sees the load fall and drains it
         low = Load(ep.grpc_url, streams=2, prompt_tokens=96, max_tokens=48)
+        assert wait_for(lambda: "decode_1" in low.workers(), timeout=90, interval=0.2), \
+            "the router never sent a low-load stream to decode_1"
         high.stop()
         grown = _shm(shm_prefixes)
         assert grown > shm_before, "decode_1 should have its own shared-memory regions"

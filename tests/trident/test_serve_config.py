@@ -31,7 +31,6 @@ def test_flags_beat_env_which_beats_defaults() -> None:
         ([], {"TRIDENT_KV_CACHE_MB": "lots"}, "kv_cache_mb: cannot parse"),
         (["--device", "tpu"], {}, "device"),
         (["--engine", "sglang"], {}, "engine must be one of"),
-        (["--engine", "vllm", "--prefill", "1"], {}, "vllm engine serves aggregated only"),
     ],
 )
 def test_bad_values_name_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:

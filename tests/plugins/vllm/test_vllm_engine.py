@@ -29,7 +29,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine():
-    e = VllmEngine(VllmEngineConfig(dtype="float32", enforce_eager=True, kv_cache_mb=128, worker_id="vllm-test"))
+    # shareable_kv: a prefill worker too; its staging pool holds 5 blocks of 32 tokens
+    e = VllmEngine(VllmEngineConfig(dtype="float32", enforce_eager=True, kv_cache_mb=128, worker_id="vllm-test",
+                                    shareable_kv=True, kv_staging_mb=8))
     e.start()
     yield e
     e.shutdown()
@@ -112,8 +114,10 @@ def test_bad_requests_are_refused_naming_the_field(engine) -> None:
         engine.submit(GenerateRequest("bad", (1, 10**6), SamplingParams()), lambda c: None)
     with pytest.raises(ContextLengthError):
         engine.submit(GenerateRequest("big", (1,) * 2000, SamplingParams(max_tokens=100)), lambda c: None)
-    with pytest.raises(ValidationError, match="hold_kv"):
-        engine.submit(GenerateRequest("pf", (1, 2), SamplingParams(), hold_kv=True), lambda c: None)
+    with pytest.raises(ValidationError, match="hold_kv: a prompt of 200 tokens needs 7 staging blocks.*kv_staging_mb"):
+        engine.submit(GenerateRequest("pf", (1,) * 200, SamplingParams(max_tokens=1), hold_kv=True), lambda c: None)
+    with pytest.raises(ValidationError, match="first_token"):
+        engine.submit(GenerateRequest("dc0", (1, 2), SamplingParams(), kv_descriptor=b"x"), lambda c: None)
     with pytest.raises(ValidationError, match="kv_descriptor"):
         engine.submit(GenerateRequest("dc", (1, 2), SamplingParams(), kv_descriptor=b"x", first_token=3), lambda c: None)
 
