@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
 VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup setup-vllm serve test lint bench clean
+.PHONY: setup setup-vllm setup-nixl serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ setup-vllm: $(VLLM_STAMP)
 $(VLLM_STAMP): $(STAMP) requirements-vllm.txt
 	$(PY) -m pip install -q --no-deps -r requirements-vllm.txt
 	touch $(VLLM_STAMP)
+
+# NIXL (CUDA 12 wheel; its UCX backend moves DRAM on CPU machines too): the peer of
+# `python -m benchmarks.kv_connectors`, vLLM's NixlConnector. Not needed by serve or test.
+setup-nixl: $(VLLM_STAMP)
+	$(PY) -m pip install -q --no-deps nixl-cu12==1.5.1
 
 serve: setup
 	$(PY) -m trident serve $(ARGS)

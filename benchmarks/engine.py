@@ -21,45 +21,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import multiprocessing as mp
 import os
 import statistics
 
-from benchmarks.common import copy_bandwidth_gbs, setup_logging, write_json
+from benchmarks.common import Peer, copy_bandwidth_gbs, setup_logging, write_json
 from benchmarks.engine_peers import PEERS, serve
 
 METRICS = ("decode_b1_tok_s", "decode_b16_tok_s", "prefill_tok_s")
-
-
-class Peer:
-    """The parent's handle on one peer process."""
-
-    def __init__(self, kind: str, opts: dict) -> None:
-        ctx = mp.get_context("spawn")
-        self.kind = kind
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(kind, opts, child), name=f"peer-{kind}", daemon=True)
-        self.proc.start()
-        status, self.info = self.conn.recv()
-        if status != "ready":
-            self.proc.join(10)
-            raise RuntimeError(self.info)
-
-    def ask(self, command: str, **kwargs):
-        self.conn.send((command, kwargs))
-        status, result = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(result)
-        return result
-
-    def close(self) -> None:
-        try:
-            self.conn.send(("quit", {}))
-        except (BrokenPipeError, OSError):
-            pass
-        self.proc.join(60)
-        if self.proc.is_alive():
-            self.proc.kill()
 
 
 def measure_once(peer: Peer, new_tokens: int) -> dict[str, float]:
@@ -104,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_words": args.prompt_words, "prefill_words": args.prefill_words}
     cores = sorted(os.sched_getaffinity(0))
     load_before = os.getloadavg()
-    peers = {k: Peer(k, opts) for k in kinds}  # built one after another, then measured interleaved
+    peers = {k: Peer(k, opts, serve) for k in kinds}  # built one after another, then measured interleaved
     try:
         load_start = os.getloadavg()
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}

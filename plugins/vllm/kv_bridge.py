@@ -185,15 +185,15 @@ class KVBridge:
         """Copy a peer's leased blocks (all layers) into vLLM blocks; raises `KVTransferError`."""
         part = dataclasses.replace(desc, block_ids=tuple(src_blocks))
         dst = torch.tensor(list(vllm_blocks), dtype=torch.long)
-        n, heads = len(dst), self.layout.num_kv_heads
-        key_order = (0, 2, 3, 1) if self._keys_transposed else (0, 2, 1, 3)
+        bs, dim = self.layout.block_size, self.layout.head_dim
+        key_shape, key_order = ((dim, bs), (0, 2, 3, 1)) if self._keys_transposed else ((bs, dim), (0, 2, 1, 3))
 
         def copy(peer: torch.Tensor, src_ids: list[int]) -> None:
             src = torch.tensor(src_ids, dtype=torch.long)
-            for i, layer in enumerate(self._layers):
-                block = peer[src, i]  # n, 2, bs, heads, dim
-                layer[dst, :, 0] = block[:, 0].permute(*key_order).reshape(n, heads, -1)
-                layer[dst, :, 1] = block[:, 1].permute(0, 2, 1, 3).reshape(n, heads, -1)
+            for i, layer in enumerate(self._layers):  # two passes: gather the peer's blocks, scatter
+                block = peer[:, i].index_select(0, src)  # n, 2, bs, heads, dim
+                layer[:, :, 0].unflatten(-1, key_shape).index_copy_(0, dst, block[:, 0].permute(*key_order))
+                layer[:, :, 1].unflatten(-1, (bs, dim)).index_copy_(0, dst, block[:, 1].permute(0, 2, 1, 3))
 
         self.importer.read(part, copy)
 

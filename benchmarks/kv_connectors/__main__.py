@@ -1,0 +1,3 @@
+from benchmarks.kv_connectors.main import main
+
+raise SystemExit(main())
