@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
 VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup setup-vllm setup-nixl serve test lint bench clean
+.PHONY: setup setup-vllm setup-peers serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -27,10 +27,11 @@ $(VLLM_STAMP): $(STAMP) requirements-vllm.txt
 	$(PY) -m pip install -q --no-deps -r requirements-vllm.txt
 	touch $(VLLM_STAMP)
 
-# NIXL (CUDA 12 wheel; its UCX backend moves DRAM on CPU machines too): the peer of
-# `python -m benchmarks.kv_connectors`, vLLM's NixlConnector. Not needed by serve or test.
-setup-nixl: $(VLLM_STAMP)
-	$(PY) -m pip install -q --no-deps nixl-cu12==1.5.1
+# The benchmarks' peers, not needed by serve or test: NIXL (CUDA 12 wheel; its UCX backend
+# moves DRAM on CPU machines too) for vLLM's NixlConnector in `benchmarks.kv_connectors`, and
+# Dynamo's indexer (ai-dynamo-runtime) in `benchmarks.router_decision`.
+setup-peers: $(VLLM_STAMP)
+	$(PY) -m pip install -q --no-deps nixl-cu12==1.5.1 ai-dynamo-runtime==1.6.1
 
 serve: setup
 	$(PY) -m trident serve $(ARGS)

@@ -12,9 +12,16 @@ the policy's choice + recording the assignment, timed around the `decide` call: 
 and this thread's CPU time (what the decision costs). The phases come from the decision's own
 timers. Garbage collection stays on, as in the server.
 
-    python -m benchmarks.router_decision [--iterations N] [--json PATH]
+    python -m benchmarks.router_decision [--iterations N] [--no-dynamo] [--json PATH]
 
-The last line is `router decision: p99 X ms for 4096 tokens, 4 workers`.
+The peer, when `ai-dynamo-runtime` is installed (`make setup-peers`): Dynamo's own indexer
+(its Rust radix tree and block hashing) holding the same blocks, asked about the same prompts,
+interleaved with ours (A B, B A, ...); its hashing and its lookup (with the choice of the
+longest overlap) are timed beside our hashing and our lookup plus schedule.
+
+The last line is `router decision: p99 X ms for 4096 tokens, 4 workers` and, with the peer,
+`; vs Dynamo indexer: hashing {a}x its speed, lookup {b}x` (Dynamo's p50 time over ours: above 1
+we are faster).
 """
 
 from __future__ import annotations
@@ -36,7 +43,18 @@ from trident.core.names import replica_names
 from trident.core.stats import percentile
 
 
-def build_router(args: argparse.Namespace, rng: random.Random) -> tuple[KvRouter, list[list[int]]]:
+def build_index(args: argparse.Namespace, rng: random.Random) -> tuple[dict[str, tuple], list[list[int]]]:
+    """What each worker holds: `(background hashes, cached system prompts)`, and the prompts."""
+    workers = replica_names("decode", args.workers)
+    system_prompts = [[rng.randrange(49152) for _ in range(args.tokens // 2)] for _ in range(32)]
+    contents = {}
+    for worker in workers:
+        background = [rng.getrandbits(64) for _ in range(args.background_blocks)]
+        contents[worker] = (background, rng.sample(system_prompts, len(system_prompts) // 2))
+    return contents, system_prompts
+
+
+def build_router(args: argparse.Namespace, rng: random.Random, contents: dict[str, tuple]) -> KvRouter:
     config = RoutingConfig(
         policy=args.policy,
         block_size=args.block_size,
@@ -44,19 +62,60 @@ def build_router(args: argparse.Namespace, rng: random.Random) -> tuple[KvRouter
         seed=0,
     )
     router = KvRouter(config)
-    workers = replica_names("decode", args.workers)
-    system_prompts = [[rng.randrange(49152) for _ in range(args.tokens // 2)] for _ in range(32)]
-    for worker in workers:
+    for worker, (background, prompts) in contents.items():
         router.add_worker(worker)
         router.update_load(
             worker, LoadReport(worker, "bench", time.time(), rng.randrange(200), 4096, 4, 0, 0)
         )
-        background = [rng.getrandbits(64) for _ in range(args.background_blocks)]
         router.apply_events(worker, [BlockStored(tuple(background), None, (), args.block_size)])
-        for prompt in rng.sample(system_prompts, len(system_prompts) // 2):
+        for prompt in prompts:
             hashes = hash_blocks(prompt, args.block_size)
             router.apply_events(worker, [BlockStored(tuple(hashes), None, (), args.block_size)])
-    return router, system_prompts
+    return router
+
+
+class DynamoIndexer:
+    """Dynamo's own indexer (`ai-dynamo-runtime`: its Rust `RadixTree` and block hashing),
+    holding what our router's index holds, fed with Dynamo's KV event format. A decision is
+    its hashing (`compute_block_hash_for_seq`), its lookup (`find_matches`) and picking the
+    worker with the longest overlap."""
+
+    def __init__(self, args: argparse.Namespace, contents: dict[str, tuple]) -> None:
+        import json
+
+        from dynamo._core import RadixTree, compute_block_hash_for_seq
+
+        self._hash = compute_block_hash_for_seq
+        self.block_size = args.block_size
+        self.tree = RadixTree()
+        self.worker_ids = {i: w for i, w in enumerate(contents)}
+        event_id = 0
+        for i, (background, prompts) in enumerate(contents.values()):
+            chains = [[(h, h) for h in background]]
+            for prompt in prompts:
+                local = compute_block_hash_for_seq(prompt, args.block_size)
+                chains.append(list(zip(hash_blocks(prompt, args.block_size), local, strict=True)))
+            for chain in chains:
+                event_id += 1
+                blocks = [{"block_hash": h, "tokens_hash": t} for h, t in chain]
+                event = {"event_id": event_id, "data": {"stored": {"parent_hash": None, "blocks": blocks}}}
+                self.tree.apply_event(i, json.dumps(event).encode())
+
+    def decide(self, prompt: list[int]) -> tuple[str, float, float]:
+        """(worker, hashing us, lookup + choice us)."""
+        t0 = time.perf_counter()
+        local = self._hash(prompt, self.block_size)
+        t1 = time.perf_counter()
+        scores = self.tree.find_matches(local).scores
+        best = max(scores.items(), key=lambda kv: kv[1])[0][0] if scores else 0
+        t2 = time.perf_counter()
+        return self.worker_ids[best], (t1 - t0) * 1e6, (t2 - t1) * 1e6
+
+
+def dynamo_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dynamo") is not None and importlib.util.find_spec("dynamo._core") is not None
 
 
 def main() -> None:
@@ -69,12 +128,16 @@ def main() -> None:
     parser.add_argument("--background-blocks", type=int, default=20_000)
     parser.add_argument("--policy", default="kv")
     parser.add_argument("--approximate", action="store_true", help="no KV events: TTL mode")
+    parser.add_argument("--no-dynamo", dest="dynamo", action="store_false",
+                        help="skip the peer: Dynamo's own indexer (ai-dynamo-runtime, `make setup-peers`)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     rng = random.Random(0)
-    router, system_prompts = build_router(args, rng)
+    contents, system_prompts = build_index(args, rng)
+    router = build_router(args, rng, contents)
+    dynamo = DynamoIndexer(args, contents) if args.dynamo and dynamo_available() else None
     user_len = args.tokens - args.tokens // 2
     prompts = [
         rng.choice(system_prompts) + [rng.randrange(49152) for _ in range(user_len)]
@@ -88,8 +151,15 @@ def main() -> None:
     cpu_us: list[float] = []
     phases: dict[str, list[float]] = {"hashing": [], "lookup": [], "schedule": []}
     overlap = 0
+    peer: dict[str, list[float]] = {"hashing": [], "lookup": [], "total": []}
+    same_choice = 0
+    if dynamo is not None:
+        for i in range(args.warmup):
+            dynamo.decide(prompts[i % len(prompts)])
     for i in range(args.iterations):
         prompt = prompts[i % len(prompts)]
+        if dynamo is not None and i % 2:  # interleaved: ours first on even iterations, Dynamo's on odd
+            peer_choice = _time_peer(dynamo, prompt, peer)
         c0, t0 = time.thread_time_ns(), time.perf_counter()
         decision = router.decide(prompt, request_id="r")
         wall_us.append((time.perf_counter() - t0) * 1e6)
@@ -99,6 +169,10 @@ def main() -> None:
         phases["lookup"].append(decision.lookup_us)
         phases["schedule"].append(decision.schedule_us)
         overlap += decision.overlap_blocks
+        if dynamo is not None and not i % 2:
+            peer_choice = _time_peer(dynamo, prompt, peer)
+        if dynamo is not None:
+            same_choice += peer_choice == decision.worker_id
 
     wall_us.sort()
     cpu_us.sort()
@@ -131,6 +205,22 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    comparison = ""
+    if dynamo is not None:
+        result["dynamo_indexer_us"] = {k: {"p50": percentile(sorted(v), 50), "p99": percentile(sorted(v), 99)}
+                                       for k, v in peer.items()}
+        ours_lookup = [a + b for a, b in zip(phases["lookup"], phases["schedule"], strict=True)]
+        result["ours_vs_dynamo_p50"] = {
+            "hashing": percentile(sorted(peer["hashing"]), 50) / percentile(sorted(phases["hashing"]), 50),
+            "lookup": percentile(sorted(peer["lookup"]), 50) / percentile(sorted(ours_lookup), 50),
+        }
+        result["same_worker_fraction"] = same_choice / args.iterations
+        d = result["dynamo_indexer_us"]
+        print(f"Dynamo indexer: hashing p50 {d['hashing']['p50']:8.1f} us, lookup+choice p50 {d['lookup']['p50']:8.1f} us"
+              f" (ours: lookup+schedule p50 {percentile(sorted(ours_lookup), 50):8.1f} us); same worker chosen in"
+              f" {100 * result['same_worker_fraction']:.0f}% of decisions (ours also weighs load)")
+        r = result["ours_vs_dynamo_p50"]
+        comparison = f"; vs Dynamo indexer: hashing {r['hashing']:.2f}x its speed, lookup {r['lookup']:.2f}x"
     for name, stats in result["phase_us"].items():
         print(f"{name:>9}: p50 {stats['p50']:8.1f} us   p99 {stats['p99']:8.1f} us")
     print(
@@ -147,7 +237,16 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
     p99 = result["decision_ms"]["p99"]
-    print(f"router decision: p99 {p99:.3f} ms for {args.tokens} tokens, {args.workers} workers")
+    print(f"router decision: p99 {p99:.3f} ms for {args.tokens} tokens, {args.workers} workers{comparison}")
+
+
+def _time_peer(dynamo: DynamoIndexer, prompt: list[int], into: dict[str, list[float]]) -> str:
+    t0 = time.perf_counter()
+    worker, hashing_us, lookup_us = dynamo.decide(prompt)
+    into["total"].append((time.perf_counter() - t0) * 1e6)
+    into["hashing"].append(hashing_us)
+    into["lookup"].append(lookup_us)
+    return worker
 
 
 if __name__ == "__main__":

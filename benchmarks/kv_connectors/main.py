@@ -2,7 +2,7 @@
 shared memory, our descriptor and leases) against vLLM's own `NixlConnector` (NIXL's UCX
 backend over DRAM), same engines, same cores, interleaved.
 
-    make setup-nixl   # once: NIXL for vLLM's connector
+    make setup-peers   # once: NIXL for vLLM's connector
     python -m benchmarks.kv_connectors [--sizes 256,1024,1900] [--rounds 2] [--per-round 3]
                                        [--max-tokens 8] [--compiled] [--json PATH]
 

@@ -22,7 +22,7 @@ from planner.config import PlannerConfig
 from planner.connectors.triton import TritonConnector
 from planner.loop import PlannerLoop
 from planner.metrics import scrape
-from tests.integration.helpers import metric_values
+from tests.integration.helpers import call_worker, metric_values
 from tests.waiting import wait_for
 from trident.launcher import REPO_ROOT, Launcher
 from trident.model_control import ModelControl
@@ -93,6 +93,22 @@ class Load:
             t.join(timeout=120)
 
 
+LONG_TOKENS = 400
+
+
+def _long_stream(grpc_url: str, worker: str, result: dict[str, object]) -> None:
+    """One long greedy request straight to `worker` (not through the router); its start and
+    end (the planner's clock, time.monotonic) and token count go into `result`."""
+    result["start"] = time.monotonic()
+    try:
+        out = call_worker(grpc_url, worker, input_ids=np.arange(500, 596, dtype=np.int32), max_tokens=LONG_TOKENS,
+                          temperature=0.0, ignore_eos=np.array([True]))
+        result["tokens"] = sum(len(o["output_ids"]) for o in out)
+    except Exception as exc:  # reported by the test's assertion on `result`
+        result["error"] = repr(exc)
+    result["end"] = time.monotonic()
+
+
 def _shm(prefixes: tuple[str, ...]) -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(prefixes)}
 
@@ -111,25 +127,27 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
     stop = threading.Event()
     planner = threading.Thread(target=loop.run, args=(stop,), daemon=True)
     planner.start()
-    high = low = None
+    high = low = pinned = None
+    pinned_result: dict[str, object] = {}
     try:
         high = Load(ep.grpc_url, streams=4, prompt_tokens=384, max_tokens=8)
         assert wait_for(lambda: connector.replicas()["decode"] == ("decode", "decode_1"), timeout=120, interval=0.5), \
             f"the planner did not add a replica: {[r.decision.reasons for r in loop.records[-3:]]}"
         assert wait_for(lambda: "decode_1" in high.workers(), timeout=60, interval=0.5), "the router never used decode_1"
-        # the low load starts while both workers still serve the high one, and the high one
-        # stops only once the router has sent low streams to decode_1 too: they are still
-        # running there, back to back, when the planner sees the load fall and drains it
+        # the low load starts while both workers still serve the high one; a long stream
+        # straight to decode_1 starts too, so that a request is certainly running there when
+        # the planner sees the load fall and drains it (the router's choice of worker for the
+        # low streams is its own), and the unload must wait for it
         low = Load(ep.grpc_url, streams=2, prompt_tokens=96, max_tokens=48)
-        assert wait_for(lambda: "decode_1" in low.workers(), timeout=90, interval=0.2), \
-            "the router never sent a low-load stream to decode_1"
+        pinned = threading.Thread(target=_long_stream, args=(ep.grpc_url, "decode_1", pinned_result), daemon=True)
+        pinned.start()
+        assert wait_for(lambda: "start" in pinned_result, timeout=10)
         high.stop()
         grown = _shm(shm_prefixes)
         assert grown > shm_before, "decode_1 should have its own shared-memory regions"
         assert wait_for(lambda: connector.replicas()["decode"] == ("decode",) and not control.is_ready("decode_1"),
                         timeout=180, interval=0.5), \
             f"the planner did not remove decode_1: {[r.decision.reasons for r in loop.records[-3:]]}"
-        served_on_1 = sum(1 for r in low.results if r[0] == "decode_1")
         time.sleep(2.0)  # requests keep flowing, to decode alone
         low.stop()
     finally:
@@ -138,15 +156,19 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
             if load is not None:
                 load.stop()
         planner.join(timeout=180)
+        if pinned is not None:
+            pinned.join(timeout=120)
 
     results = high.results + low.results
     assert not high.errors and not low.errors, (high.errors + low.errors)[:5]
     assert results and all(reason == "length" and n in (8, 48) for _, reason, n in results)
-    assert served_on_1 >= 1, "no stream was running on decode_1 when it drained"
     assert low.results[-1][0] == "decode"
     added = [r for r in loop.records if r.decision.targets["decode"] == 2 and r.replicas["decode"] == 1]
     removed = [r for r in loop.records if r.decision.targets["decode"] == 1 and r.replicas["decode"] == 2]
     assert added and removed and "over the ttft target" in added[0].decision.reasons["decode"]
+    # the stream running on decode_1 when the planner decided to remove it finished whole
+    assert pinned_result.get("tokens") == LONG_TOKENS, pinned_result
+    assert pinned_result["start"] < removed[0].t < pinned_result["end"], (pinned_result, removed[0].t)
     # the removed worker is gone: no stub regions, no KV pool, no metrics; nothing is marked draining
     assert wait_for(lambda: _shm(shm_prefixes) == shm_before, timeout=30), _shm(shm_prefixes) ^ shm_before
     assert "decode_1" not in metric_values(ep.metrics_url, "trident_requests_running")
