@@ -19,8 +19,12 @@ writes and reads; a lock inside each tier keeps the index consistent between the
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Container, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
+from kv_manager.events import KVEvent
 from trident.core.errors import TridentError
 
 
@@ -49,3 +53,84 @@ class LoadJob:
     hashes: list[int]
     slots: list[object] = field(default_factory=list)
     done: bool = False
+
+
+def leading_hits(held: Container[int], hashes: Sequence[int]) -> int:
+    """How many of `hashes`, from the first, are in `held`."""
+    n = 0
+    for h in hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
+
+
+def pin(pins: MutableMapping[int, int], hashes: Sequence[int]) -> None:
+    for h in hashes:
+        pins[h] = pins.get(h, 0) + 1
+
+
+def unpin(pins: MutableMapping[int, int], hashes: Sequence[int]) -> None:
+    for h in hashes:
+        left = pins.get(h, 1) - 1
+        if left:
+            pins[h] = left
+        else:
+            pins.pop(h, None)
+
+
+class IndexedTier:
+    """What both tiers share: the index of held blocks (hash -> the tier's record of it,
+    least recently used first), load pins, events, one lock. A subclass sets `medium`, fills
+    `_index` and says where a record's data is (`_slot`)."""
+
+    medium = ""
+
+    def __init__(self) -> None:
+        self._index: OrderedDict[int, object] = OrderedDict()
+        self._pins: dict[int, int] = {}
+        self._events: list[KVEvent] = []
+        self._lock = threading.Lock()
+        self.stats: dict[str, int] = {"stored": 0, "loaded": 0, "evicted": 0}
+
+    def _slot(self, record: object) -> object:
+        return record
+
+    def lookup(self, hashes: Sequence[int]) -> int:
+        with self._lock:
+            return leading_hits(self._index, hashes)
+
+    def prepare_load(self, hashes: Sequence[int]) -> LoadJob:
+        with self._lock:
+            missing = [h for h in hashes if h not in self._index]
+            if missing:
+                raise TierError(f"{self.medium} tier: block {missing[0]:#x} is not held")
+            pin(self._pins, hashes)
+            job = LoadJob(list(hashes))
+            for h in hashes:
+                self._index.move_to_end(h)
+                job.slots.append(self._slot(self._index[h]))
+            return job
+
+    def complete_load(self, job: LoadJob) -> None:
+        """Unpin the job's blocks (idempotent)."""
+        if job.done:
+            return
+        job.done = True
+        with self._lock:
+            unpin(self._pins, job.hashes)
+            self.stats["loaded"] += len(job.hashes)
+            self._after_load()
+
+    def _after_load(self) -> None:
+        """Called under the lock once a load's pins are gone."""
+
+    def held(self) -> list[int]:
+        """Held hashes, least recently used first (tests, metrics)."""
+        with self._lock:
+            return list(self._index)
+
+    def take_events(self) -> list[KVEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            return events

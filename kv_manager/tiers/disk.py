@@ -25,8 +25,7 @@ import hashlib
 import logging
 import os
 import struct
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from kv_manager.events import BlockRemoved, KVEvent
 from kv_manager.layout import KVLayout
-from kv_manager.tiers.base import BlockKey, LoadJob, StoreJob, TierError
+from kv_manager.tiers.base import BlockKey, IndexedTier, LoadJob, StoreJob, TierError
 from kv_manager.tiers.host import stored_events
 from kv_manager.transfer.local_pool import torch_dtype
 
@@ -54,12 +53,13 @@ class _Entry:
     nbytes: int
 
 
-class DiskTier:
+class DiskTier(IndexedTier):
     """See the module docstring and `kv_manager.tiers.base`."""
 
     medium = MEDIUM
 
     def __init__(self, layout: KVLayout, root: str | os.PathLike, capacity_bytes: int, *, admit_after: int = 2) -> None:
+        super().__init__()
         if capacity_bytes <= 0:
             raise TierError(f"disk tier: capacity must be positive, got {capacity_bytes}")
         self.layout = layout
@@ -68,13 +68,9 @@ class DiskTier:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.capacity_bytes = capacity_bytes
         self.admit_after = max(1, admit_after)
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
-        self._pins: dict[int, int] = {}
         self._offers: defaultdict[int, int] = defaultdict(int)
         self._used = 0
-        self._events: list[KVEvent] = []
-        self._lock = threading.Lock()
-        self.stats = {"stored": 0, "loaded": 0, "evicted": 0, "dropped": 0, "failed_stores": 0}
+        self.stats.update(dropped=0, failed_stores=0)
         self._scan()
 
     # -- restart -------------------------------------------------------------------------
@@ -90,23 +86,23 @@ class DiskTier:
                 path.unlink(missing_ok=True)
                 self.stats["dropped"] += 1
                 continue
-            self._entries[key.block_hash] = _Entry(key, path, path.stat().st_size)
+            self._index[key.block_hash] = _Entry(key, path, path.stat().st_size)
             self._used += path.stat().st_size
         self._evict_to(self.capacity_bytes)
-        if self._entries:
-            logger.info("disk tier: %d blocks (%.1f MiB) from %s", len(self._entries), self._used / 2**20, self.dir)
+        if self._index:
+            logger.info("disk tier: %d blocks (%.1f MiB) from %s", len(self._index), self._used / 2**20, self.dir)
 
     def announce(self) -> list[KVEvent]:
         """`BlockStored` events for every block held (a restarted worker publishes them)."""
         with self._lock:
-            return list(stored_events([e.key for e in self._entries.values()], self.layout.block_size, MEDIUM))
+            return list(stored_events([e.key for e in self._index.values()], self.layout.block_size, MEDIUM))
 
     # -- store ---------------------------------------------------------------------------
     def prepare_store(self, keys: Sequence[BlockKey]) -> StoreJob:
         with self._lock:
             admitted = []
             for key in keys:
-                if key.block_hash in self._entries:
+                if key.block_hash in self._index:
                     continue
                 self._offers[key.block_hash] += 1
                 if self._offers[key.block_hash] >= self.admit_after:
@@ -147,7 +143,7 @@ class DiskTier:
                 path = self.dir / f"{key.block_hash:016x}.kvb"
                 os.replace(tmp, path)
                 size = path.stat().st_size
-                self._entries[key.block_hash] = _Entry(key, path, size)
+                self._index[key.block_hash] = _Entry(key, path, size)
                 self._used += size
                 self._offers.pop(key.block_hash, None)
                 stored.append(key)
@@ -156,27 +152,6 @@ class DiskTier:
             self._evict_to(self.capacity_bytes)
 
     # -- load ----------------------------------------------------------------------------
-    def lookup(self, hashes: Sequence[int]) -> int:
-        with self._lock:
-            n = 0
-            for h in hashes:
-                if h not in self._entries:
-                    break
-                n += 1
-            return n
-
-    def prepare_load(self, hashes: Sequence[int]) -> LoadJob:
-        with self._lock:
-            missing = [h for h in hashes if h not in self._entries]
-            if missing:
-                raise TierError(f"disk tier: block {missing[0]:#x} is not held")
-            job = LoadJob(list(hashes))
-            for h in hashes:
-                self._pins[h] = self._pins.get(h, 0) + 1
-                self._entries.move_to_end(h)
-                job.slots.append(self._entries[h].path)
-            return job
-
     def read(self, job: LoadJob, i: int, out: torch.Tensor) -> None:
         h, path = job.hashes[i], job.slots[i]
         try:
@@ -188,19 +163,11 @@ class DiskTier:
         block = torch.frombuffer(bytearray(payload), dtype=torch_dtype(self.layout)).view(self.layout.block_shape)
         out.copy_(block)
 
-    def complete_load(self, job: LoadJob) -> None:
-        if job.done:
-            return
-        job.done = True
-        with self._lock:
-            for h in job.hashes:
-                left = self._pins.get(h, 1) - 1
-                if left:
-                    self._pins[h] = left
-                else:
-                    self._pins.pop(h, None)
-            self.stats["loaded"] += len(job.hashes)
-            self._evict_to(self.capacity_bytes)
+    def _after_load(self) -> None:
+        self._evict_to(self.capacity_bytes)  # what pins kept over the cap goes now
+
+    def _slot(self, record: object) -> object:
+        return record.path  # type: ignore[attr-defined]
 
     # -- files ---------------------------------------------------------------------------
     def _read_header(self, path: Path) -> tuple[BlockKey, int]:
@@ -239,7 +206,7 @@ class DiskTier:
     def _drop(self, h: int, why: str) -> None:
         logger.warning("disk tier: dropping block %#x: %s", h, why)
         with self._lock:
-            entry = self._entries.pop(h, None)
+            entry = self._index.pop(h, None)
             if entry is not None:
                 self._used -= entry.nbytes
                 entry.path.unlink(missing_ok=True)
@@ -247,24 +214,15 @@ class DiskTier:
                 self.stats["dropped"] += 1
 
     def _evict_to(self, limit: int) -> None:
-        for h in [h for h in self._entries if h not in self._pins]:
+        for h in [h for h in self._index if h not in self._pins]:
             if self._used <= limit:
                 return
-            entry = self._entries.pop(h)
+            entry = self._index.pop(h)
             self._used -= entry.nbytes
             entry.path.unlink(missing_ok=True)
             self._events.append(BlockRemoved((h,), MEDIUM))
             self.stats["evicted"] += 1
 
-    def held(self) -> list[int]:
-        with self._lock:
-            return list(self._entries)
-
     @property
     def used_bytes(self) -> int:
         return self._used
-
-    def take_events(self) -> list[KVEvent]:
-        with self._lock:
-            events, self._events = self._events, []
-            return events

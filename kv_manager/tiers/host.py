@@ -10,41 +10,35 @@ records `BlockRemoved`.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
-from kv_manager.events import BlockRemoved, BlockStored, KVEvent
+from kv_manager.events import BlockRemoved, BlockStored
 from kv_manager.layout import KVLayout
-from kv_manager.tiers.base import BlockKey, LoadJob, StoreJob, TierError
+from kv_manager.tiers.base import BlockKey, IndexedTier, LoadJob, StoreJob, TierError
 from kv_manager.transfer.local_pool import torch_dtype
 
 MEDIUM = "CPU"
 
 
-class HostTier:
+class HostTier(IndexedTier):
     """See the module docstring and `kv_manager.tiers.base`."""
 
     medium = MEDIUM
 
     def __init__(self, layout: KVLayout, num_slots: int, *, pin_memory: bool = False) -> None:
+        super().__init__()
         if num_slots <= 0:
             raise TierError(f"host tier: num_slots must be positive, got {num_slots}")
         self.layout = layout
         self.arena = torch.empty((num_slots, *layout.block_shape), dtype=torch_dtype(layout), pin_memory=pin_memory)
         self._free = list(range(num_slots - 1, -1, -1))
-        self._held: OrderedDict[int, int] = OrderedDict()  # hash -> slot, least recent first
-        self._pins: dict[int, int] = {}  # hash -> pin count
-        self._events: list[KVEvent] = []
-        self._lock = threading.Lock()
-        self.stats = {"stored": 0, "loaded": 0, "evicted": 0}
 
     # -- store ---------------------------------------------------------------------------
     def prepare_store(self, keys: Sequence[BlockKey]) -> StoreJob:
         with self._lock:
-            job = StoreJob([k for k in keys if k.block_hash not in self._held])
+            job = StoreJob([k for k in keys if k.block_hash not in self._index])
             for _ in job.keys:
                 slot = self._take_slot()
                 if slot is None:  # everything held is pinned: store what fits
@@ -65,69 +59,27 @@ class HostTier:
                 self._free.extend(job.slots)
                 return
             for key, slot in zip(job.keys, job.slots, strict=True):
-                self._held[key.block_hash] = slot
+                self._index[key.block_hash] = slot
             self.stats["stored"] += len(job.keys)
             self._events.extend(stored_events(job.keys, self.layout.block_size, MEDIUM))
 
     # -- load ----------------------------------------------------------------------------
-    def lookup(self, hashes: Sequence[int]) -> int:
-        with self._lock:
-            n = 0
-            for h in hashes:
-                if h not in self._held:
-                    break
-                n += 1
-            return n
-
-    def prepare_load(self, hashes: Sequence[int]) -> LoadJob:
-        with self._lock:
-            missing = [h for h in hashes if h not in self._held]
-            if missing:
-                raise TierError(f"host tier: block {missing[0]:#x} is not held")
-            job = LoadJob(list(hashes))
-            for h in hashes:
-                self._pins[h] = self._pins.get(h, 0) + 1
-                self._held.move_to_end(h)
-                job.slots.append(self._held[h])
-            return job
-
     def read(self, job: LoadJob, i: int, out: torch.Tensor) -> None:
         out.copy_(self.arena[job.slots[i]], non_blocking=out.is_cuda)
 
-    def complete_load(self, job: LoadJob) -> None:
-        if job.done:
-            return
-        job.done = True
-        with self._lock:
-            for h in job.hashes:
-                left = self._pins[h] - 1
-                if left:
-                    self._pins[h] = left
-                else:
-                    del self._pins[h]
-            self.stats["loaded"] += len(job.hashes)
 
     # -- eviction, events ----------------------------------------------------------------
     def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop()
-        for h in self._held:  # least recent first
+        for h in self._index:  # least recent first
             if h not in self._pins:
-                slot = self._held.pop(h)
+                slot = self._index.pop(h)
                 self.stats["evicted"] += 1
                 self._events.append(BlockRemoved((h,), MEDIUM))
                 return slot
         return None
 
-    def held(self) -> list[int]:
-        """Held hashes, least recently used first (tests, metrics)."""
-        with self._lock:
-            return list(self._held)
-
-    def take_events(self) -> list[KVEvent]:
-        with self._lock:
-            events, self._events = self._events, []
-            return events
 
 
 def stored_events(keys: Sequence[BlockKey], block_size: int, medium: str) -> list[BlockStored]:

@@ -21,7 +21,7 @@ import pytest
 from planner.config import PlannerConfig
 from planner.connectors.triton import TritonConnector
 from planner.loop import PlannerLoop
-from planner.metrics import scrape
+from planner.metrics import inflight, scrape
 from tests.integration.helpers import call_worker, metric_values
 from tests.waiting import wait_for
 from trident.launcher import REPO_ROOT, Launcher
@@ -93,7 +93,28 @@ class Load:
             t.join(timeout=120)
 
 
-LONG_TOKENS = 400
+LONG_TOKENS = 100
+
+
+class DrainWatchingConnector(TritonConnector):
+    """The planner's Triton connector, plus: once a worker is marked draining, one request
+    goes straight to it and the drain proper starts only when that request is running there,
+    so that a request is certainly in flight on the worker the planner removes (which of the
+    router's streams are on it then is the router's business)."""
+
+    def __init__(self, grpc_url: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grpc_url = grpc_url
+        self.pinned: dict[str, object] = {}
+        self.pinned_thread: threading.Thread | None = None
+        self.drained_at = float("inf")
+
+    def _wait_drained(self, worker: str) -> None:
+        self.pinned_thread = threading.Thread(target=_long_stream, args=(self.grpc_url, worker, self.pinned), daemon=True)
+        self.pinned_thread.start()
+        assert wait_for(lambda: (inflight(self.read_metrics(), worker) or 0) >= 1, timeout=30, interval=0.1)
+        super()._wait_drained(worker)
+        self.drained_at = time.monotonic()
 
 
 def _long_stream(grpc_url: str, worker: str, result: dict[str, object]) -> None:
@@ -117,8 +138,8 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
     ep = server.endpoints
     assert ep is not None and server.kv_events_dir is not None
     control = ModelControl(ep.http_url, server.key)
-    connector = TritonConnector(
-        control, server.repository, server.kv_events_dir, lambda: scrape(ep.metrics_url, 0.0),
+    connector = DrainWatchingConnector(
+        ep.grpc_url, control, server.repository, server.kv_events_dir, lambda: scrape(ep.metrics_url, 0.0),
         root=str(REPO_ROOT), settle_s=1.0, drain_timeout_s=120,
     )
     loop = PlannerLoop(CONFIG, connector, lambda t: scrape(ep.metrics_url, t), budget=2)
@@ -127,21 +148,15 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
     stop = threading.Event()
     planner = threading.Thread(target=loop.run, args=(stop,), daemon=True)
     planner.start()
-    high = low = pinned = None
-    pinned_result: dict[str, object] = {}
+    high = low = None
     try:
         high = Load(ep.grpc_url, streams=4, prompt_tokens=384, max_tokens=8)
         assert wait_for(lambda: connector.replicas()["decode"] == ("decode", "decode_1"), timeout=120, interval=0.5), \
             f"the planner did not add a replica: {[r.decision.reasons for r in loop.records[-3:]]}"
         assert wait_for(lambda: "decode_1" in high.workers(), timeout=60, interval=0.5), "the router never used decode_1"
-        # the low load starts while both workers still serve the high one; a long stream
-        # straight to decode_1 starts too, so that a request is certainly running there when
-        # the planner sees the load fall and drains it (the router's choice of worker for the
-        # low streams is its own), and the unload must wait for it
+        # the low load starts while both workers still serve the high one, so that requests
+        # keep flowing when the planner sees the load fall and drains decode_1
         low = Load(ep.grpc_url, streams=2, prompt_tokens=96, max_tokens=48)
-        pinned = threading.Thread(target=_long_stream, args=(ep.grpc_url, "decode_1", pinned_result), daemon=True)
-        pinned.start()
-        assert wait_for(lambda: "start" in pinned_result, timeout=10)
         high.stop()
         grown = _shm(shm_prefixes)
         assert grown > shm_before, "decode_1 should have its own shared-memory regions"
@@ -156,8 +171,8 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
             if load is not None:
                 load.stop()
         planner.join(timeout=180)
-        if pinned is not None:
-            pinned.join(timeout=120)
+        if connector.pinned_thread is not None:
+            connector.pinned_thread.join(timeout=120)
 
     results = high.results + low.results
     assert not high.errors and not low.errors, (high.errors + low.errors)[:5]
@@ -166,9 +181,10 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
     added = [r for r in loop.records if r.decision.targets["decode"] == 2 and r.replicas["decode"] == 1]
     removed = [r for r in loop.records if r.decision.targets["decode"] == 1 and r.replicas["decode"] == 2]
     assert added and removed and "over the ttft target" in added[0].decision.reasons["decode"]
-    # the stream running on decode_1 when the planner decided to remove it finished whole
-    assert pinned_result.get("tokens") == LONG_TOKENS, pinned_result
-    assert pinned_result["start"] < removed[0].t < pinned_result["end"], (pinned_result, removed[0].t)
+    # the request running on decode_1 while the planner drained it finished whole, before the unload
+    pinned = connector.pinned
+    assert pinned.get("tokens") == LONG_TOKENS and "error" not in pinned, pinned
+    assert pinned["end"] <= connector.drained_at, (pinned, connector.drained_at)
     # the removed worker is gone: no stub regions, no KV pool, no metrics; nothing is marked draining
     assert wait_for(lambda: _shm(shm_prefixes) == shm_before, timeout=30), _shm(shm_prefixes) ^ shm_before
     assert "decode_1" not in metric_values(ep.metrics_url, "trident_requests_running")

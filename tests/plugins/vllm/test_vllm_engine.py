@@ -15,7 +15,6 @@ pytest.importorskip("vllm")
 
 from plugins.vllm.config import VllmEngineConfig  # noqa: E402
 from plugins.vllm.engine import VllmEngine  # noqa: E402
-from router_ensemble.text.tokenizer import load_tokenizer  # noqa: E402
 from trident.core.errors import (  # noqa: E402
     ConfigError,
     ContextLengthError,
@@ -35,11 +34,6 @@ def engine():
     e.start()
     yield e
     e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("")
 
 
 def _chat_ids(tok, question: str) -> tuple[int, ...]:

@@ -18,7 +18,6 @@ from plugins.torch_engine.config import TorchEngineConfig  # noqa: E402
 from plugins.torch_engine.engine import TorchEngine  # noqa: E402
 from plugins.vllm.config import VllmEngineConfig  # noqa: E402
 from plugins.vllm.engine import VllmEngine  # noqa: E402
-from router_ensemble.text.tokenizer import load_tokenizer  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 from trident.core.errors import ValidationError  # noqa: E402
 from trident.core.types import GenerateRequest, SamplingParams  # noqa: E402
@@ -45,11 +44,6 @@ def torch32():
     e.start()
     yield e
     e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("")
 
 
 def _prompt(tok, question: str) -> tuple[int, ...]:
