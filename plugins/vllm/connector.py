@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kv_manager.transfer.base import KVDescriptor
-from plugins.vllm.handoff import DESCRIPTOR, HOLD
+from plugins.vllm.handoff import DESCRIPTOR, HOLD, release_lease
 from plugins.vllm.kv_bridge import KVBridge, bridge_for
 
 logger = logging.getLogger(__name__)
@@ -195,10 +195,8 @@ class TridentConnector(KVConnectorBase_V1):
         return False, {DESCRIPTOR: descriptor}
 
     def _release_unopened(self, raw: bytes) -> None:
-        from kv_manager.transfer.descriptor import decode_descriptor
-
         try:
-            self._bridge.importer.release(decode_descriptor(raw))
+            release_lease(self._bridge, raw)
         except Exception:  # unparseable: nothing to release; the lease, if any, expires
             pass
 

@@ -47,7 +47,8 @@ def check_descriptor(request: GenerateRequest, info: EngineInfo) -> None:
 
 
 def release_lease(bridge: KVBridge | None, descriptor: bytes) -> None:
-    """End a lease nobody will pull (a decode request with nothing left to generate)."""
+    """End a lease nobody will pull (a decode request with nothing left to generate, a
+descriptor the connector could not open); raises `KVTransferError` if it does not parse."""
     from kv_manager.transfer.descriptor import decode_descriptor
 
     if bridge is not None:
