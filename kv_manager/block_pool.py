@@ -12,11 +12,14 @@ The pool hands out block ids; the engine's KV tensor (`kv_manager.layout`) holds
   and records `BlockStored`; `get_cached_block` compares token ids on a hit, so a hash
   collision is a miss, never wrong KV.
 - Running out of blocks is a value (`None`), not an exception: the scheduler preempts.
+- `on_evict`, when set, is called with a cached block just before its content is dropped
+  (offload on eviction to a lower KV tier, `kv_manager.tiers.cache`); it runs on the loop
+  thread inside `get_new_blocks`, so it must copy and return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -28,6 +31,7 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None  # the block's tokens, kept to verify hits
+    parent_hash: int | None = None  # the preceding block's hash, for a tier's copy of this one
     prev_free: Block | None = None
     next_free: Block | None = None
 
@@ -96,6 +100,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[int, Block] = {}
         self._events: list[KVEvent] = []
+        self.on_evict: Callable[[Block], None] | None = None
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -172,6 +177,7 @@ class BlockPool:
                 continue
             block.block_hash = block_hash
             block.token_ids = tokens
+            block.parent_hash = parent_hash
             self.cached[block_hash] = block
             if not stored_hashes:
                 stored_parent = parent_hash
@@ -188,7 +194,7 @@ class BlockPool:
         if self.num_used_blocks:
             return False
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash = block.parent_hash = None
             block.token_ids = None
         self.cached.clear()
         self._events.append(AllBlocksCleared())
@@ -202,7 +208,9 @@ class BlockPool:
         if block.block_hash is None:
             return
         if self.cached.get(block.block_hash) is block:
+            if self.on_evict is not None:
+                self.on_evict(block)
             del self.cached[block.block_hash]
             self._events.append(BlockRemoved((block.block_hash,)))
-        block.block_hash = None
+        block.block_hash = block.parent_hash = None
         block.token_ids = None

@@ -27,8 +27,12 @@ Verbs, in the order a request meets them:
   come back when it ends (`kv_manager.transfer`).
 - `close()`: wait for loads in flight and free their blocks (shutdown).
 
-A tiered cache plugs in as another `KVLoader`: its lookup decides how many tokens a lower
-tier holds, which become `num_external_computed_tokens`, and the rest is this same path.
+A tiered cache (`KVTiers`, built by `kv_manager.tiers.cache`) plugs in beside the loader:
+`lookup_tiers` says how many prompt blocks after the device hits a lower tier holds, they
+become `num_external_computed_tokens`, and `start_tier_load` onboards them through this same
+path. Offload: with `write_through`, `cache_blocks` offers every newly cached block (and
+`offer_hits` every reused one) for a background copy, holding a reference on each block until
+the copy is done; with `evict`, the pool's eviction hook copies a block down before reuse.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ from typing import Protocol
 from kv_manager.block_pool import Block, BlockPool
 from kv_manager.events import KVEvent
 from kv_manager.hashing import BlockHash
+from kv_manager.tiers.base import BlockKey
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,25 @@ class KVLoader(Protocol):
     def poll_finished(self) -> list[LoadDone]: ...
 
     def close(self) -> None: ...
+
+
+class KVTiers(KVLoader, Protocol):
+    """The lower KV tiers as the manager uses them (`kv_manager.tiers.cache.TieredCache`):
+    a `KVLoader` for onboarding, plus offload. Called on the engine loop thread only."""
+
+    def lookup(self, hashes: Sequence[int]) -> int: ...
+
+    def count_query(self, num_blocks: int) -> None: ...
+
+    def offer(self, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int: ...
+
+    def offload_now(self, block_id: int, key: BlockKey) -> None: ...
+
+    def poll_released(self) -> list[int]: ...
+
+    def busy(self) -> bool: ...
+
+    def take_events(self) -> list[KVEvent]: ...
 
 
 class ThreadedKVLoader:
@@ -156,10 +181,20 @@ class _Loading:
 class KVCacheManager:
     """Blocks, prefix cache and external loads for one engine. See the module docstring."""
 
-    def __init__(self, pool: BlockPool, loader: KVLoader | None = None) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        loader: KVLoader | None = None,
+        tiers: KVTiers | None = None,
+        offload: str = "write_through",
+    ) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.loader = loader
+        self.tiers = tiers
+        self._write_through = tiers is not None and offload == "write_through"
+        if tiers is not None and offload == "evict":
+            pool.on_evict = self._offload_evicted
         self._loads: dict[int, _Loading] = {}
         self._done: list[LoadDone] = []  # loads that failed to start
         self._ids = itertools.count()
@@ -180,11 +215,14 @@ class KVCacheManager:
         return len(self.pool.cached)
 
     def has_loads(self) -> bool:
-        """Whether a load is in flight or unreported (the engine keeps polling)."""
-        return bool(self._loads)
+        """Whether a load or an offload is in flight or unreported (the engine keeps polling)."""
+        return bool(self._loads) or (self.tiers is not None and self.tiers.busy())
 
     def take_events(self) -> list[KVEvent]:
-        return self.pool.take_events()
+        events = self.pool.take_events()
+        if self.tiers is not None:
+            events += self.tiers.take_events()
+        return events
 
     # -- prefix cache and allocation -----------------------------------------------------
     def get_computed_blocks(self, req: KVRequest, num_tokens: int) -> list[Block]:
@@ -246,6 +284,8 @@ class KVCacheManager:
             parent,
         )
         req.num_cached_blocks = num_full
+        if self._write_through:
+            self._offer(req.block_table[start:num_full], hashes[start:], req.token_ids[start * bs : num_full * bs], parent)
 
     def free(self, req: KVRequest) -> None:
         """Give back every block of `req` (finish, abort, preemption, failed load)."""
@@ -268,10 +308,14 @@ class KVCacheManager:
         self.pool.free_blocks([self.pool.blocks[i] for i in block_ids])
 
     # -- external loads ------------------------------------------------------------------
-    def start_load(self, req: KVRequest, source: bytes, num_tokens: int, skip_blocks: int) -> None:
+    def start_load(
+        self, req: KVRequest, source: bytes, num_tokens: int, skip_blocks: int, loader: KVLoader | None = None
+    ) -> None:
         """Phase one: load the KV of `num_tokens` prompt tokens into the request's blocks
-        after its first `skip_blocks` (reserved by `allocate_slots`). The outcome, also of a
-        load that could not start, comes from `finished_loads()`."""
+        after its first `skip_blocks` (reserved by `allocate_slots`), with `loader` (default:
+        the engine's). The outcome, also of a load that could not start, comes from
+        `finished_loads()`."""
+        loader = loader or self.loader
         bs = self.block_size
         blocks = req.block_table[skip_blocks : -(-num_tokens // bs)]
         load = KVLoad(
@@ -280,9 +324,9 @@ class KVCacheManager:
         )
         self._loads[load.load_id] = _Loading(req)
         try:
-            if self.loader is None:
+            if loader is None:
                 raise RuntimeError("this engine has no KV loader")
-            self.loader.start_load(load)
+            loader.start_load(load)
         except Exception as exc:
             self._done.append(LoadDone(load.load_id, exc))
 
@@ -293,6 +337,9 @@ class KVCacheManager:
         done, self._done = self._done, []
         if self.loader is not None:
             done += self.loader.poll_finished()
+        if self.tiers is not None:
+            done += self.tiers.poll_finished()
+            self._reclaim_offloads()
         out: list[tuple[KVRequest, Exception | None]] = []
         for d in done:
             loading = self._loads.pop(d.load_id, None)
@@ -314,10 +361,59 @@ class KVCacheManager:
         self._closed = True
         if self.loader is not None:
             self.loader.close()
+        if self.tiers is not None:
+            self.tiers.close()
         for req, _ in self.finished_loads():
             self.free(req)
         if self._loads:
             log.error("%d KV loads never reported; their blocks stay held", len(self._loads))
+
+    # -- lower tiers ---------------------------------------------------------------------
+    def lookup_tiers(self, req: KVRequest, first_block: int, num_blocks: int) -> int:
+        """How many of the request's prompt blocks `first_block`.. (below `num_blocks`) a
+        lower tier holds, from the first; 0 without tiers."""
+        if self.tiers is None or first_block >= num_blocks:
+            return 0
+        return self.tiers.lookup(req.hashes_upto(num_blocks, self.block_size)[first_block:])
+
+    def start_tier_load(self, req: KVRequest, num_tokens: int, skip_blocks: int) -> None:
+        """Onboard the blocks after `skip_blocks` up to `num_tokens` (a multiple of the block
+        size) from the tiers; reported by `finished_loads()` like any load."""
+        assert self.tiers is not None
+        hashes = req.hashes_upto(num_tokens // self.block_size, self.block_size)[skip_blocks:]
+        self.start_load(req, array("Q", hashes).tobytes(), num_tokens, skip_blocks, self.tiers)
+
+    def count_tier_query(self, num_blocks: int) -> None:
+        if self.tiers is not None and num_blocks > 0:
+            self.tiers.count_query(num_blocks)
+
+    def offer_hits(self, req: KVRequest, hits: Sequence[Block]) -> None:
+        """A request reuses these cached blocks (write-through: offered again, which admits
+        them to the disk tier and restores them in host memory if it dropped them)."""
+        if self._write_through and hits:
+            hashes = req.hashes_upto(len(hits), self.block_size)
+            self._offer(hits, hashes, req.token_ids[: len(hits) * self.block_size], None)
+
+    def _offer(self, blocks: Sequence[Block], hashes: Sequence[int], token_ids: Sequence[int], parent: int | None) -> None:
+        assert self.tiers is not None
+        bs, keys = self.block_size, []
+        for i, h in enumerate(hashes):
+            keys.append(BlockKey(h, parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            parent = h
+        self.pool.touch(blocks)
+        taken = self.tiers.offer([b.block_id for b in blocks], keys)
+        if taken < len(blocks):
+            self.pool.free_blocks(blocks[taken:])
+
+    def _offload_evicted(self, block: Block) -> None:
+        assert self.tiers is not None and block.block_hash is not None and block.token_ids is not None
+        self.tiers.offload_now(block.block_id, BlockKey(block.block_hash, block.parent_hash, block.token_ids))
+
+    def _reclaim_offloads(self) -> None:
+        assert self.tiers is not None
+        ids = self.tiers.poll_released()
+        if ids:
+            self.pool.free_blocks([self.pool.blocks[i] for i in ids])
 
     def _loading_of(self, req: KVRequest) -> _Loading | None:
         for loading in self._loads.values():

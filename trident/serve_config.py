@@ -2,7 +2,8 @@
 
 Every field is a `--kebab-case` flag and a `TRIDENT_UPPER_CASE` environment variable;
 a flag beats the environment, which beats the default. The engine settings (`model`,
-`dtype`, `kv_cache_mb`, `num_threads`, `device`) use the same names as
+`dtype`, `kv_cache_mb`, `num_threads`, `device`, the KV tiers' `kv_host_mb`, `kv_disk_gb`,
+`kv_disk_dir`) use the same names as
 `plugins.torch_engine.config.TorchEngineConfig`: the launcher exports them to tritonserver's
 environment, where every worker's engine config picks them up. Empty / 0 means "leave the
 value in the model's config.pbtxt".
@@ -41,6 +42,9 @@ _HELP = {
     "device": "engine device: cpu or cuda ('' = model config); cuda pins decode_i to GPU i",
     "kv_cache_mb": "KV pool size per worker in MiB (0 = model config)",
     "num_threads": "torch threads per worker (0 = model config)",
+    "kv_host_mb": "host-memory KV tier per worker in MiB, below the pool (0 = model config, none)",
+    "kv_disk_gb": "disk KV tier per worker in GiB; survives restarts (0 = model config, none)",
+    "kv_disk_dir": "directory of the disk KV tier, one subfolder per worker ('' = ~/.cache/trident/kv)",
     "log_level": "log level: debug, info, warning, error",
     "tritonserver": "path of the tritonserver binary ('' = search PATH, then the nvidia-pytriton wheel)",
     "model_repository": "model repository ('' = this checkout's model_repository/)",
@@ -71,6 +75,9 @@ class ServeConfig:
     device: str = ""
     kv_cache_mb: int = 0
     num_threads: int = 0
+    kv_host_mb: int = 0
+    kv_disk_gb: float = 0.0
+    kv_disk_dir: str = ""
     log_level: str = "info"
     tritonserver: str = ""
     model_repository: str = ""
@@ -105,6 +112,8 @@ class ServeConfig:
             raise ConfigError(f"kv_cache_mb must be >= 0, got {self.kv_cache_mb}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
+        if self.kv_host_mb < 0 or not 0 <= self.kv_disk_gb < float("inf"):
+            raise ConfigError(f"kv_host_mb and kv_disk_gb must be >= 0, got {self.kv_host_mb}, {self.kv_disk_gb}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.startup_timeout_s <= 0:
@@ -132,6 +141,12 @@ class ServeConfig:
             env["TRIDENT_KV_CACHE_MB"] = str(self.kv_cache_mb)
         if self.num_threads:
             env["TRIDENT_NUM_THREADS"] = str(self.num_threads)
+        if self.kv_host_mb:
+            env["TRIDENT_KV_HOST_MB"] = str(self.kv_host_mb)
+        if self.kv_disk_gb:
+            env["TRIDENT_KV_DISK_GB"] = str(self.kv_disk_gb)
+        if self.kv_disk_dir:
+            env["TRIDENT_KV_DISK_DIR"] = os.path.abspath(os.path.expanduser(self.kv_disk_dir))
         if self.router_policy:
             env["TRIDENT_ROUTER_POLICY"] = self.router_policy
         if self.disagg_threshold >= 0:

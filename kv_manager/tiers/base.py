@@ -12,8 +12,9 @@ them (no eviction until `complete_load`) and returns a `LoadJob`; `read(job, i, 
 block i into `out`, raising `TierError` if it cannot (a corrupt file: the tier drops it); the
 caller then recomputes from that block on.
 
-A tier is used by one engine: its loop thread prepares and completes, its offload thread
-writes and reads; a lock inside each tier keeps the index consistent between them.
+A tier is used by one engine's `TieredCache` (`kv_manager.tiers.cache`): the loop thread looks
+up and prepares loads, the cache's offload and onboard threads prepare stores, write, read and
+complete; a lock inside each tier keeps the index consistent between them.
 `take_events()` drains the tier's events (medium "CPU" or "DISK") for the worker's publisher.
 """
 
@@ -124,6 +125,10 @@ class IndexedTier:
 
     def _after_load(self) -> None:
         """Called under the lock once a load's pins are gone."""
+
+    @property
+    def num_held(self) -> int:
+        return len(self._index)
 
     def held(self) -> list[int]:
         """Held hashes, least recently used first (tests, metrics)."""

@@ -4,7 +4,7 @@ capped in size (least recently used evicted), and still there after a restart.
 A block file is a header, the block's token ids and its bytes:
 
     magic "TKVB" | version u16 | fingerprint 16 ascii | hash u64 | parent u64 | has_parent u8
-    | tokens u32 | payload bytes u64 | blake2b-128 of tokens and payload | tokens (u32 each) | payload
+    | tokens u32 | payload bytes u64 | XXH3-128 of tokens and payload | tokens (u32 each) | payload
 
 Files are written to a temporary name and renamed into place by `complete_store`, so a
 crashed or failed store leaves nothing another reader can see. At start the tier indexes the
@@ -21,7 +21,6 @@ worker to tell the router what its disk holds.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from kv_manager.events import BlockRemoved, KVEvent
 from kv_manager.layout import KVLayout
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 MEDIUM = "DISK"
 MAGIC = b"TKVB"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<4sH16sQQBIQ16s")
 
 
@@ -95,7 +95,8 @@ class DiskTier(IndexedTier):
     def announce(self) -> list[KVEvent]:
         """`BlockStored` events for every block held (a restarted worker publishes them)."""
         with self._lock:
-            return list(stored_events([e.key for e in self._index.values()], self.layout.block_size, MEDIUM))
+            keys = [e.key for e in self._index.values()]
+        return list(stored_events(_parents_first(keys), self.layout.block_size, MEDIUM))
 
     # -- store ---------------------------------------------------------------------------
     def prepare_store(self, keys: Sequence[BlockKey]) -> StoreJob:
@@ -113,16 +114,22 @@ class DiskTier(IndexedTier):
 
     def write(self, job: StoreJob, i: int, block: torch.Tensor) -> None:
         key, tmp = job.keys[i], job.slots[i]
-        payload = block.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        payload = memoryview(block.detach().to("cpu").contiguous().view(torch.uint8).numpy()).cast("B")
         tokens = struct.pack(f"<{len(key.token_ids)}I", *key.token_ids)
-        digest = hashlib.blake2b(tokens + payload, digest_size=16).digest()
+        digest = xxhash.xxh3_128(tokens)
+        digest.update(payload)
         header = _HEADER.pack(MAGIC, VERSION, self.fingerprint.encode("ascii"), key.block_hash,
                               key.parent_hash or 0, key.parent_hash is not None, len(key.token_ids),
-                              len(payload), digest)
+                              len(payload), digest.digest())
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(header + tokens + payload)
+            try:
+                parts = [header, tokens, payload]
+                while parts:  # writev may write less than asked
+                    n = os.writev(fd, parts)
+                    parts = _advance(parts, n)
+            finally:
+                os.close(fd)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             raise TierError(f"disk tier: cannot write block {key.block_hash:#x}: {exc}") from exc
@@ -155,12 +162,14 @@ class DiskTier(IndexedTier):
     def read(self, job: LoadJob, i: int, out: torch.Tensor) -> None:
         h, path = job.hashes[i], job.slots[i]
         try:
-            data = Path(path).read_bytes()
-            payload = self._check(data, h)
+            with open(path, "rb", buffering=0) as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
+            offset = self._check(memoryview(data), h)
         except (OSError, TierError) as exc:
             self._drop(h, str(exc))
             raise TierError(f"disk tier: block {h:#x} unreadable ({exc}); dropped") from exc
-        block = torch.frombuffer(bytearray(payload), dtype=torch_dtype(self.layout)).view(self.layout.block_shape)
+        block = torch.frombuffer(data, dtype=torch_dtype(self.layout), offset=offset).view(self.layout.block_shape)
         out.copy_(block)
 
     def _after_load(self) -> None:
@@ -188,7 +197,8 @@ class DiskTier(IndexedTier):
         token_ids = struct.unpack(f"<{ntok}I", tokens)
         return BlockKey(h, parent if has_parent else None, tuple(token_ids)), nbytes
 
-    def _check(self, data: bytes, expected_hash: int) -> bytes:
+    def _check(self, data: memoryview, expected_hash: int) -> int:
+        """Where the payload starts in a whole block file, or `TierError`."""
         if len(data) < _HEADER.size:
             raise TierError("truncated header")
         magic, version, fp, h, _, _, ntok, nbytes, digest = _HEADER.unpack_from(data)
@@ -199,9 +209,9 @@ class DiskTier(IndexedTier):
         body = data[_HEADER.size:]
         if len(body) != 4 * ntok + nbytes or nbytes != self.layout.block_nbytes:
             raise TierError(f"truncated: {len(body)} bytes after the header, expected {4 * ntok + nbytes}")
-        if hashlib.blake2b(body, digest_size=16).digest() != digest:
+        if xxhash.xxh3_128_digest(body) != digest:
             raise TierError("checksum mismatch")
-        return body[4 * ntok:]
+        return _HEADER.size + 4 * ntok
 
     def _drop(self, h: int, why: str) -> None:
         logger.warning("disk tier: dropping block %#x: %s", h, why)
@@ -226,3 +236,31 @@ class DiskTier(IndexedTier):
     @property
     def used_bytes(self) -> int:
         return self._used
+
+
+def _advance(parts: list, n: int) -> list:
+    """What is left of `parts` (buffers) after the first `n` bytes were written."""
+    out = []
+    for part in parts:
+        if n >= len(part):
+            n -= len(part)
+            continue
+        out.append(memoryview(part)[n:] if n else part)
+        n = 0
+    return out
+
+
+def _parents_first(keys: list[BlockKey]) -> list[BlockKey]:
+    """`keys` ordered so that each chain runs from its first held block down (one event per
+    chain, however the files' times interleave)."""
+    held = {k.block_hash for k in keys}
+    children: defaultdict[int | None, list[BlockKey]] = defaultdict(list)
+    for k in keys:
+        children[k.parent_hash if k.parent_hash in held else None].append(k)
+    out: list[BlockKey] = []
+    stack = list(reversed(children[None]))
+    while stack:
+        k = stack.pop()
+        out.append(k)
+        stack.extend(reversed(children.get(k.block_hash, [])))
+    return out

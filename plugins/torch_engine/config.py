@@ -14,6 +14,7 @@ from trident.core.errors import ConfigError
 from trident.core.settings import load_settings
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
+OFFLOAD_POLICIES = ("write_through", "evict")  # kv_manager.tiers.cache.POLICIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,11 @@ class TorchEngineConfig:
     worker_id: str = "worker"
     lease_ttl_s: float = 30.0
     cache_dir: str = ""  # where converted weights are cached; "" = ~/.cache/trident
+    kv_host_mb: int = 0  # host-memory KV tier below the pool (pinned on CUDA); 0 = none
+    kv_disk_gb: float = 0.0  # disk KV tier; 0 = none
+    kv_disk_dir: str = ""  # its directory ("" = ~/.cache/trident/kv); one subfolder per worker
+    kv_disk_admit_after: int = 2  # offers (store + reuses) before a block is written to disk
+    kv_offload: str = "write_through"  # or "evict": when blocks are copied to the tiers
 
     def validate(self) -> TorchEngineConfig:
         if self.dtype not in DTYPES:
@@ -47,6 +53,12 @@ class TorchEngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_blocks == 0 and self.kv_cache_mb == 0:
             raise ConfigError("set num_blocks or kv_cache_mb")
+        if self.kv_host_mb < 0 or not 0 <= self.kv_disk_gb < float("inf"):
+            raise ConfigError(f"kv_host_mb and kv_disk_gb must be >= 0, got {self.kv_host_mb}, {self.kv_disk_gb}")
+        if self.kv_disk_admit_after < 1:
+            raise ConfigError(f"kv_disk_admit_after must be >= 1, got {self.kv_disk_admit_after}")
+        if self.kv_offload not in OFFLOAD_POLICIES:
+            raise ConfigError(f"kv_offload must be one of {OFFLOAD_POLICIES}, got {self.kv_offload!r}")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s must be positive, got {self.lease_ttl_s}")
         return self

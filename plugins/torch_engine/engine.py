@@ -6,7 +6,9 @@ lock. One loop thread, started by `start()`, owns the scheduler, the KV-cache ma
 its block pool, the model and the KV pool, and calls the request sinks. One more thread, the
 KV loader's, pulls a decode request's prompt KV from the prefill worker (the only user of the
 importer) into blocks the manager reserved, while the loop keeps stepping; the loop finds
-finished pulls at its next `schedule()`. `shutdown()` joins the loop, which waits for the
+finished pulls at its next `schedule()`. With KV tiers (`kv_host_mb`, `kv_disk_gb`), the
+manager's `TieredCache` adds two more: offload (copies blocks down) and onboard (copies a
+prefix back up), found the same way. `shutdown()` joins the loop, which waits for the
 loader before the pool is released.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from kv_manager.kv_cache_manager import KVCacheManager, KVLoad, ThreadedKVLoader
+from kv_manager.tiers.cache import TieredCache
 from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.runner import ModelRunner
@@ -71,7 +74,10 @@ class TorchEngine(Engine):
         self._parts = build_parts(self.config)
         p = self._parts
         loader = ThreadedKVLoader(self._pull_kv, on_done=self._wake.set, name=f"kv-load-{self.config.worker_id}")
-        self._kv = KVCacheManager(p.block_pool, loader)
+        tiers = None
+        if p.tiers:
+            tiers = TieredCache(p.tiers, p.memory.tensor, on_done=self._wake.set, name=f"kv-{self.config.worker_id}")
+        self._kv = KVCacheManager(p.block_pool, loader, tiers, self.config.kv_offload)
         self.scheduler = Scheduler(self._kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(p.model, p.memory.tensor, self.config.block_size)
         self._publish_stats()
@@ -104,6 +110,9 @@ class TorchEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shutting down")
         request.validate(info.vocab_size, info.max_model_len)
+        need = len(request.input_ids) // info.block_size + 1  # the prompt and its first output
+        if need > info.num_blocks:
+            raise ValidationError("input_ids", f"the prompt needs {need} KV blocks, the pool holds {info.num_blocks}")
         if request.kv_descriptor is not None and request.first_token is None:
             raise ValidationError("first_token", "required with kv_descriptor")
         self._post("submit", (request, sink))
@@ -287,6 +296,7 @@ class TorchEngine(Engine):
             generated_tokens=self._counters["generated"],
             preemptions=sched.num_preemptions,
             held_blocks=exporter.held_blocks() if exporter else 0,
+            tiers=kv.tiers.counters() if kv.tiers is not None else (),
         )
         events = kv.take_events()
         if events:

@@ -10,6 +10,9 @@ whose prompt KV comes from a prefill worker first gets its blocks and an externa
 started, and waits in `loading` as WAITING_FOR_KV; when the load has finished it goes back to
 the front of `waiting` with its whole prompt computed, and decodes from its first token.
 A failed load is returned by `schedule()` (blocks already freed) for the engine to fail.
+A waiting sequence whose prompt misses the device pool but hits a lower KV tier (host
+memory, disk: `kv_manager.tiers`) is onboarded the same way, for the blocks the tiers hold;
+it then computes the rest of its prompt like a cache hit.
 
 Each `schedule()` first collects finished loads, then spends `max_num_batched_tokens`:
 running sequences first (one token per decoding sequence, the next chunk for a sequence
@@ -21,12 +24,15 @@ cache).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
 
 from kv_manager.kv_cache_manager import KVCacheManager
 from plugins.torch_engine.sequence import SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
 
 Failed = list[tuple[Sequence, Exception]]
 
@@ -110,6 +116,12 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 continue
+            onboarding = self._onboard(seq)
+            if onboarding is None:
+                break
+            if onboarding:
+                self.waiting.popleft()
+                continue
             num_new = self._admit(seq, budget)
             if num_new is None:
                 break
@@ -149,10 +161,35 @@ class Scheduler:
             return None
         seq.num_computed = computed
         seq.num_cached_blocks = len(hits)
+        self.kv.offer_hits(seq, hits)
+        self.kv.count_tier_query((len(seq.token_ids) - 1) // self.block_size - len(hits))
         if not seq.admitted_once:
             seq.cached_tokens = min(computed, seq.prompt_len)
             seq.admitted_once = True
         return num_new
+
+    def _onboard(self, seq: Sequence) -> bool | None:
+        """Start loading the prompt blocks after the device hits that a lower KV tier holds:
+        True when started (the sequence waits for KV), False when there is nothing to load,
+        None when the pool is short."""
+        if seq.block_table or seq.skip_tiers or self.kv.tiers is None:
+            return False
+        bs = self.block_size
+        hits = self.kv.get_computed_blocks(seq, len(seq.token_ids) - 1)
+        limit = (len(seq.token_ids) - 1) // bs  # leave a token to compute for the logits
+        lower = self.kv.lookup_tiers(seq, len(hits), limit)
+        if not lower:
+            return False
+        if self.kv.allocate_slots(seq, 0, hits, num_external_computed_tokens=lower * bs) is None:
+            return None
+        self.kv.offer_hits(seq, hits)
+        self.kv.count_tier_query(limit - len(hits))
+        seq.num_cached_blocks = len(hits)
+        seq.load_target = (len(hits) + lower) * bs
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.loading.append(seq)
+        self.kv.start_tier_load(seq, seq.load_target, len(hits))
+        return True
 
     def _start_load(self, seq: Sequence) -> bool:
         """Reserve blocks for the whole prompt (cached prefix blocks count) and start loading
@@ -164,6 +201,7 @@ class Scheduler:
             return False
         seq.num_cached_blocks = len(hits)
         seq.import_pending = False
+        seq.load_target = seq.prompt_len
         seq.status = SeqStatus.WAITING_FOR_KV
         self.loading.append(seq)
         source = seq.request.kv_descriptor
@@ -171,21 +209,30 @@ class Scheduler:
         return True
 
     def _collect_loads(self) -> Failed:
-        """Finished loads rejoin the front of `waiting` with the prompt computed."""
+        """Finished loads rejoin the front of `waiting` with what they loaded computed. A
+        failed onboarding from a tier is not an error: the sequence recomputes instead."""
         failed: Failed = []
         ready: list[Sequence] = []
         for req, error in self.kv.finished_loads():
             seq = cast(Sequence, req)
             self.loading.remove(seq)
+            if error is not None and seq.request.kv_descriptor is None:
+                log.warning("request_id=%s: onboarding from a KV tier failed (%s); recomputing", seq.request_id, error)
+                seq.skip_tiers = True
+                seq.num_computed = 0
+                seq.status = SeqStatus.WAITING
+                ready.append(seq)
+                continue
             if error is not None:
                 seq.status = SeqStatus.FINISHED
                 failed.append((seq, error))
                 continue
-            seq.num_computed = seq.prompt_len
-            seq.cached_tokens = seq.prompt_len
-            seq.admitted_once = True
+            seq.num_computed = seq.load_target
+            if not seq.admitted_once:
+                seq.cached_tokens = min(seq.load_target, seq.prompt_len)
+                seq.admitted_once = True
             # Registered now, so that the prompt survives if the sequence must wait.
-            self.kv.cache_blocks(seq, seq.prompt_len // self.block_size)
+            self.kv.cache_blocks(seq, seq.load_target // self.block_size)
             seq.status = SeqStatus.WAITING
             ready.append(seq)
         self.waiting.extendleft(reversed(ready))

@@ -40,6 +40,8 @@ class Sequence:
     num_emitted: int = 0  # outputs already handed to the sink
     admitted_once: bool = False
     import_pending: bool = False  # the prompt's KV is to be loaded from a prefill worker
+    load_target: int = 0  # tokens computed once the KV load in flight has finished
+    skip_tiers: bool = False  # an onboarding from a KV tier failed: compute instead
 
     @property
     def request_id(self) -> str:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kv_manager.block_pool import BlockPool
 from kv_manager.layout import KVLayout
+from kv_manager.tiers import DiskTier, HostTier
+from kv_manager.tiers.base import IndexedTier
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 from kv_manager.transfer.base import KVPoolMemory
 from plugins.base import EngineInfo
@@ -33,6 +36,7 @@ class EngineParts:
     block_pool: BlockPool
     exporter: KVExporterImpl | None = None  # on a shareable (prefill-capable) pool
     importer: KVImporterImpl | None = None  # decode side
+    tiers: list[IndexedTier] = field(default_factory=list)  # host, then disk (kv_host_mb, kv_disk_gb)
     _closers: list = field(default_factory=list)
 
     def close(self) -> None:
@@ -94,6 +98,7 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
     parts._closers.append(memory.close)
     try:
         _attach_transfer(parts, cfg)
+        parts.tiers = build_tiers(cfg, layout, device)
     except Exception:
         parts.close()
         raise
@@ -103,6 +108,21 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
         num_blocks * layout.block_nbytes / 2**20, time.perf_counter() - t0,
     )
     return parts
+
+
+def build_tiers(cfg: TorchEngineConfig, layout: KVLayout, device: torch.device) -> list[IndexedTier]:
+    """The KV tiers below the pool: host memory (`kv_host_mb`), then disk (`kv_disk_gb`,
+    under `kv_disk_dir/<worker_id>/`, which survives a restart of the worker)."""
+    tiers: list[IndexedTier] = []
+    if cfg.kv_host_mb:
+        slots = cfg.kv_host_mb * 2**20 // layout.block_nbytes
+        tiers.append(HostTier(layout, max(1, slots), pin_memory=device.type == "cuda"))
+    if cfg.kv_disk_gb:
+        root = Path(cfg.kv_disk_dir or Path.home() / ".cache" / "trident" / "kv").expanduser() / cfg.worker_id
+        tiers.append(DiskTier(layout, root, int(cfg.kv_disk_gb * 2**30), admit_after=cfg.kv_disk_admit_after))
+    for tier in tiers:
+        log.info("worker=%s: KV tier %s, %d blocks held at start", cfg.worker_id, tier.medium, tier.num_held)
+    return tiers
 
 
 def _attach_transfer(parts: EngineParts, cfg: TorchEngineConfig) -> None:

@@ -12,7 +12,7 @@ import collections
 import logging
 from typing import Any
 
-from trident.core.types import EngineStats
+from trident.core.types import EngineStats, TierStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,18 @@ _FAMILIES = {
     "trident_requests_inflight": ("GAUGE", "Requests the worker model holds (accepted, final response not yet sent)"),
     "trident_prefill_tokens_active": ("GAUGE", "Prompt tokens admitted but not yet prefilled"),
     "trident_kv_blocks_held": ("GAUGE", "KV blocks leased to a decode worker's pull (prefill workers)"),
+}
+# KV tiers below the device pool, labelled by `medium` too: TierStats field -> (name, kind, description)
+_TIER_FAMILIES = {
+    "held_blocks": ("trident_kv_tier_blocks", "GAUGE", "KV blocks held by a lower tier"),
+    "offloaded": ("trident_kv_tier_offloaded_blocks_total", "COUNTER", "KV blocks copied down into a tier"),
+    "onboarded": ("trident_kv_tier_onboarded_blocks_total", "COUNTER", "KV blocks copied back from a tier into the device pool"),
+    "queried": ("trident_kv_tier_queried_blocks_total", "COUNTER", "Prompt blocks the device pool missed (hit rate denominator)"),
+    "hits": ("trident_kv_tier_hit_blocks_total", "COUNTER", "Missed prompt blocks served by a tier"),
+    "bytes_offloaded": ("trident_kv_tier_offloaded_bytes_total", "COUNTER", "Bytes copied down into a tier"),
+    "bytes_onboarded": ("trident_kv_tier_onboarded_bytes_total", "COUNTER", "Bytes copied back from a tier"),
+    "onboard_seconds": ("trident_kv_tier_onboard_seconds_total", "COUNTER", "Time spent onboarding from a tier"),
+    "failed": ("trident_kv_tier_failures_total", "COUNTER", "Tier stores or loads that failed (full disk, corrupt file)"),
 }
 _BUCKETS = {
     "trident_time_to_first_token_seconds": TTFT_BUCKETS,
@@ -55,6 +67,10 @@ class WorkerMetrics:
             else:
                 self._metrics[name] = family.Metric(labels=labels)
         self._pending: collections.deque[tuple[str, float]] = collections.deque()
+        self._pb, self._worker = pb, worker
+        self._tier_families: dict[str, Any] = {}
+        self._tier_metrics: dict[tuple[str, str], Any] = {}  # (field, medium) -> metric
+        self._tier_last: dict[tuple[str, str], float] = {}  # counters: the value already added
 
     # engine thread / execute thread: append only
     def record_ttft(self, seconds: float) -> None:
@@ -90,12 +106,35 @@ class WorkerMetrics:
                 self._metrics["trident_requests_waiting"].set(float(stats.waiting))
                 self._metrics["trident_prefill_tokens_active"].set(float(stats.active_prefill_tokens))
                 self._metrics["trident_kv_blocks_held"].set(float(stats.held_blocks))
+                for tier in stats.tiers:
+                    self._flush_tier(tier)
             if inflight is not None:
                 self._metrics["trident_requests_inflight"].set(float(inflight))
         except Exception as exc:  # metrics must never take the worker down
             logger.warning("metrics flush failed: %s", exc)
 
+    def _flush_tier(self, tier: TierStats) -> None:
+        for name, (family_name, kind, description) in _TIER_FAMILIES.items():
+            key = (name, tier.medium)
+            metric = self._tier_metrics.get(key)
+            if metric is None:
+                family = self._tier_families.get(family_name)
+                if family is None:
+                    family = self._pb.MetricFamily(
+                        name=family_name, description=description, kind=getattr(self._pb.MetricFamily, kind)
+                    )
+                    self._tier_families[family_name] = family
+                metric = self._tier_metrics[key] = family.Metric(labels={"worker": self._worker, "medium": tier.medium})
+            value = float(getattr(tier, name))
+            if kind == "GAUGE":
+                metric.set(value)
+            elif value > self._tier_last.get(key, 0.0):
+                metric.increment(value - self._tier_last.get(key, 0.0))
+                self._tier_last[key] = value
+
     def close(self) -> None:
         """Drop metrics before their families (Triton requires that order)."""
         self._metrics.clear()
+        self._tier_metrics.clear()
         self._families.clear()
+        self._tier_families.clear()

@@ -23,6 +23,10 @@ class RoutingConfig:
 
     policy: str = "kv"  # kv | round_robin | random | least_loaded
     overlap_weight: float = 1.0  # Dynamo's kv-overlap-score-weight
+    # a cached block held only in a worker's host memory / only on its disk tier counts this
+    # much of a device hit (the best tier holding a block decides; Dynamo's defaults)
+    host_tier_weight: float = 0.75
+    disk_tier_weight: float = 0.25
     temperature: float = 0.0  # 0: argmin of the cost; > 0: softmax sampling
     seed: int = -1  # RNG seed for sampling and ties; -1: unseeded
     block_size: int = 16  # must equal the workers' engine block size
@@ -46,6 +50,12 @@ class RoutingConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        for name in ("host_tier_weight", "disk_tier_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0 <= value <= 1:
+                raise ConfigError(
+                    f"{name} must be between 0 and 1 (a device hit counts 1), got {value}"
+                )
         for name in ("approx_ttl_s", "worker_timeout_s", "resync_timeout_s", "pending_max_age_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

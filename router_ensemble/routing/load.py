@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kv_manager.wire import LoadReport
@@ -32,7 +32,7 @@ class WorkerLoad:
 
 
 class _Entry:
-    __slots__ = ("report", "received", "pending", "pending_prefill", "pending_blocks")
+    __slots__ = ("report", "received", "pending", "pending_prefill", "pending_blocks", "view")
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
@@ -40,13 +40,15 @@ class _Entry:
         self.pending: deque[list] = deque()  # [assigned_at, prefill_blocks, blocks, request_id]
         self.pending_prefill = 0
         self.pending_blocks = 0
+        self.view: WorkerLoad | None = None  # cached; None after any change
 
 
 class LoadTable:
     """Last load report per worker plus pending assignments.
 
     Who calls it: the subscriber thread (`update`, `remove`) and the router's `decide` on
-    request threads (`view`, `assign`). One lock; nothing blocks.
+    request threads (`views`, `assign`), the orchestration (`release`). One lock; nothing
+    blocks. Every call is O(1) per worker, whatever the number of pending requests.
     """
 
     def __init__(
@@ -63,7 +65,7 @@ class LoadTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
-        self._requests: dict[str, str] = {}  # request id -> worker, while pending
+        self._requests: dict[str, tuple[_Entry, list]] = {}  # request id -> its pending item
 
     def update(self, worker_id: str, report: LoadReport) -> None:
         now = self._clock()
@@ -71,7 +73,8 @@ class LoadTable:
             entry = self._entries.setdefault(worker_id, _Entry())
             entry.report = report
             entry.received = now
-            self._expire(entry, now - self.grace_s, self._requests)
+            entry.view = None
+            self._expire(entry, now - self.grace_s)
 
     def assign(
         self, worker_id: str, prefill_blocks: int, blocks: int, request_id: str | None = None
@@ -79,45 +82,47 @@ class LoadTable:
         now = self._clock()
         with self._lock:
             entry = self._entries.setdefault(worker_id, _Entry())
-            entry.pending.append([now, prefill_blocks, blocks, request_id])
+            item = [now, prefill_blocks, blocks, request_id]
+            entry.pending.append(item)
             entry.pending_prefill += prefill_blocks
             entry.pending_blocks += blocks
+            entry.view = None
             if request_id is not None:
-                self._requests[request_id] = worker_id
+                self._requests[request_id] = (entry, item)
 
     def release(self, request_id: str) -> None:
         """Stop counting a request that finished before a report absorbed it."""
         with self._lock:
-            worker_id = self._requests.pop(request_id, None)
-            entry = None if worker_id is None else self._entries.get(worker_id)
-            if entry is None:
+            found = self._requests.pop(request_id, None)
+            if found is None:
                 return
-            for item in entry.pending:
-                if item[3] == request_id:
-                    entry.pending_prefill -= item[1]
-                    entry.pending_blocks -= item[2]
-                    item[1] = item[2] = 0
-                    item[3] = None
-                    return
+            entry, item = found
+            entry.pending_prefill -= item[1]
+            entry.pending_blocks -= item[2]
+            entry.view = None
+            item[1] = item[2] = 0  # the item itself leaves the queue when it expires
+            item[3] = None
 
     def view(self, worker_id: str) -> WorkerLoad:
+        return self.views((worker_id,))[0]
+
+    def views(self, worker_ids: Iterable[str]) -> list[WorkerLoad]:
+        """The load of each worker, in order (one clock read and one lock for all)."""
         now = self._clock()
         with self._lock:
-            entry = self._entries.get(worker_id)
-            if entry is None:
-                return WorkerLoad(0, 0)
-            self._expire(entry, now - self.max_age_s, self._requests)
-            report = entry.report
-            if report is None:
-                return WorkerLoad(entry.pending_blocks, entry.pending_prefill)
-            backlog = -(-report.active_prefill_tokens // self.block_size)
-            return WorkerLoad(
-                active_blocks=report.active_blocks + entry.pending_blocks,
-                prefill_blocks=backlog + entry.pending_prefill,
-                running=report.running,
-                waiting=report.waiting,
-                total_blocks=report.total_blocks,
-            )
+            entries = self._entries
+            before = now - self.max_age_s
+            out = []
+            for worker_id in worker_ids:
+                entry = entries.get(worker_id)
+                if entry is None:
+                    out.append(_IDLE)
+                    continue
+                pending = entry.pending
+                if pending and pending[0][0] <= before:
+                    self._expire(entry, before)
+                out.append(entry.view or self._view(entry))
+            return out
 
     def report(self, worker_id: str) -> LoadReport | None:
         with self._lock:
@@ -129,15 +134,39 @@ class LoadTable:
             entry = self._entries.pop(worker_id, None)
             if entry is not None:
                 for item in entry.pending:
-                    if item[3] is not None:
-                        self._requests.pop(item[3], None)
+                    self._forget(item)
 
-    @staticmethod
-    def _expire(entry: _Entry, before: float, requests: dict[str, str]) -> None:
+    # ------------------------------------------------------------ internals (lock held)
+
+    def _view(self, entry: _Entry) -> WorkerLoad:
+        report = entry.report
+        if report is None:
+            view = WorkerLoad(entry.pending_blocks, entry.pending_prefill)
+        else:
+            view = WorkerLoad(  # positional: cheaper, built once per change of the entry
+                report.active_blocks + entry.pending_blocks,
+                -(-report.active_prefill_tokens // self.block_size) + entry.pending_prefill,
+                report.running,
+                report.waiting,
+                report.total_blocks,
+            )
+        entry.view = view
+        return view
+
+    def _expire(self, entry: _Entry, before: float) -> None:
         pending = entry.pending
         while pending and pending[0][0] <= before:
-            _, prefill_blocks, blocks, request_id = pending.popleft()
-            entry.pending_prefill -= prefill_blocks
-            entry.pending_blocks -= blocks
-            if request_id is not None:
-                requests.pop(request_id, None)
+            item = pending.popleft()
+            entry.pending_prefill -= item[1]
+            entry.pending_blocks -= item[2]
+            entry.view = None
+            self._forget(item)
+
+    def _forget(self, item: list) -> None:
+        request_id = item[3]
+        # a reused request id may name a newer item by now: drop the entry only if it is ours
+        if request_id is not None and self._requests.get(request_id, (None, None))[1] is item:
+            del self._requests[request_id]
+
+
+_IDLE = WorkerLoad(0, 0)

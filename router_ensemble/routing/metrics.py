@@ -1,8 +1,11 @@
 """Routing metrics: decisions per worker, cache hit rate, decision time by phase.
 
 Two hit rates: `predicted_hit_rate` is what the index promised at decision time (overlap
-blocks / prompt blocks); `served_hit_rate` is what the engines reported back (cached prompt
-tokens / prompt tokens, fed by `record_served`). A gap between them means a stale index.
+blocks / prompt blocks, the blocks in any tier of the chosen worker); `served_hit_rate` is what
+the engines reported back (cached prompt tokens / prompt tokens, fed by `record_served`). A gap
+between them means a stale index. `weighted_overlap_blocks` counts the same overlap with each
+block weighed by the best tier holding it (as the cost does): below `overlap_blocks` by what
+the routed hits sat in host memory or on disk.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class RoutingMetrics:
         self.decisions: Counter[str] = Counter()
         self.prompt_blocks = 0
         self.overlap_blocks = 0
+        self.weighted_overlap_blocks = 0.0
         self.served_prompt_tokens = 0
         self.served_cached_tokens = 0
         self._timings: dict[str, deque[float]] = {p: deque(maxlen=window) for p in PHASES}
@@ -37,11 +41,15 @@ class RoutingMetrics:
         hashing_us: float,
         lookup_us: float,
         schedule_us: float,
+        weighted_overlap: float | None = None,
     ) -> None:
         with self._lock:
             self.decisions[worker_id] += 1
             self.prompt_blocks += prompt_blocks
             self.overlap_blocks += overlap_blocks
+            self.weighted_overlap_blocks += (
+                overlap_blocks if weighted_overlap is None else weighted_overlap
+            )
             timings = self._timings
             timings["hashing"].append(hashing_us)
             timings["lookup"].append(lookup_us)
@@ -73,6 +81,7 @@ class RoutingMetrics:
                 "decisions": dict(self.decisions),
                 "prompt_blocks": self.prompt_blocks,
                 "overlap_blocks": self.overlap_blocks,
+                "weighted_overlap_blocks": self.weighted_overlap_blocks,
                 "served_prompt_tokens": self.served_prompt_tokens,
                 "served_cached_tokens": self.served_cached_tokens,
             }

@@ -6,7 +6,16 @@
     prefill_blocks(w) = new_blocks(w) + prefill backlog of w
     decode_blocks(w)  = active blocks of w (last load report + the router's pending assignments)
                         + new_blocks(w)
-    new_blocks(w)     = request_blocks - overlap_blocks(w)
+    new_blocks(w)     = request_blocks - hit_blocks(w)
+    hit_blocks(w)     = the leading prompt blocks w holds, each weighed by the best tier
+                        holding it: 1 in the device pool, host_tier_weight (0.75) in host
+                        memory only, disk_tier_weight (0.25) on disk only
+
+A lower-tier hit still has to be brought back to the device (from disk, read first), so it
+saves less than a device hit: all else equal, a worker holding the prefix in its device pool
+beats one holding it in host memory, which beats one holding it on disk. The weighed hit
+enters both terms, so a block held only in host memory counts exactly `host_tier_weight` of a
+device hit in the cost.
 
 As in Dynamo, the decode term is the worker's *potential* active blocks: what it holds now plus
 the blocks this request would add there. Blocks a worker already caches are shared, not added,
@@ -35,13 +44,21 @@ from router_ensemble.routing.load import WorkerLoad
 from trident.core.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
-    """One worker as a policy sees it for one request."""
+    """One worker as a policy sees it for one request (read-only by convention: not frozen
+    because `decide` builds one per worker per request, and a frozen dataclass costs three
+    times as much to build)."""
 
     worker_id: str
-    overlap_blocks: int
+    overlap_blocks: int  # leading prompt blocks it holds, in any tier
     load: WorkerLoad
+    weighted_overlap: float | None = None  # those blocks weighed by tier; None: all on device
+
+    @property
+    def hit_blocks(self) -> float:
+        """The overlap the cost counts (`weighted_overlap`, else `overlap_blocks`)."""
+        return self.overlap_blocks if self.weighted_overlap is None else self.weighted_overlap
 
 
 class Policy(ABC):
@@ -73,16 +90,30 @@ class KvPolicy(Policy):
 
     def cost(self, candidate: Candidate, request_blocks: int) -> float:
         load = candidate.load
-        new_blocks = request_blocks - candidate.overlap_blocks
+        new_blocks = request_blocks - candidate.hit_blocks
         prefill = new_blocks + load.prefill_blocks
         return self.overlap_weight * prefill + load.active_blocks + new_blocks
 
     def select(self, candidates: Sequence[Candidate], request_blocks: int) -> Candidate:
-        costs = [self.cost(c, request_blocks) for c in candidates]
-        low, high = min(costs), max(costs)
-        if self.temperature <= 0 or high == low:
-            best = [c for c, cost in zip(candidates, costs, strict=True) if cost == low]
-            return best[0] if len(best) == 1 else self._rng.choice(best)
+        # `cost` inlined (same arithmetic, same order): this runs on every request
+        weight = self.overlap_weight
+        costs = []
+        for c in candidates:
+            load = c.load
+            new_blocks = request_blocks - (
+                c.overlap_blocks if c.weighted_overlap is None else c.weighted_overlap
+            )
+            costs.append(
+                weight * (new_blocks + load.prefill_blocks) + load.active_blocks + new_blocks
+            )
+        low = min(costs)
+        if self.temperature <= 0:
+            if costs.count(low) == 1:
+                return candidates[costs.index(low)]
+            return self._rng.choice([c for c, v in zip(candidates, costs, strict=True) if v == low])
+        high = max(costs)
+        if high == low:
+            return candidates[0] if len(candidates) == 1 else self._rng.choice(candidates)
         span = high - low
         weights = [math.exp(-(cost - low) / span / self.temperature) for cost in costs]
         return self._rng.choices(candidates, weights=weights, k=1)[0]

@@ -4,10 +4,13 @@ One decision, in three timed phases:
 
 1. hashing: the prompt's full blocks -> chained block hashes (`kv_manager.hashing`), unless
    the caller passes hashes it already has;
-2. lookup: `KvIndex.find_matches` -> how many leading blocks each live worker holds;
-3. schedule: the policy (`router_ensemble.routing.policies`) picks a worker from those overlaps and
-   each worker's load (`LoadTable`: last load report + the router's pending assignments); the
-   choice is recorded as a pending assignment (and, in approximate mode, as assumed cached).
+2. lookup: `KvIndex.find_weighted_matches` -> how many leading blocks each live worker holds,
+   in any tier, and those blocks weighed by the best tier holding each (device 1, host
+   memory `host_tier_weight`, disk `disk_tier_weight`);
+3. schedule: the policy (`router_ensemble.routing.policies`) picks a worker from those weighed
+   overlaps and each worker's load (`LoadTable`: last load report + the router's pending
+   assignments); the choice is recorded as a pending assignment (and, in approximate mode, as
+   assumed cached).
 
 Workers enter with `add_worker` (the orchestration, or the subscriber when a worker first
 reports) and leave with `remove_worker` (the subscriber on "leave" or silence, the
@@ -22,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from kv_manager.events import KVEvent
 from kv_manager.hashing import hash_blocks
@@ -43,11 +47,12 @@ class Decision:
     """Where a request goes and what the router expects it to find cached there."""
 
     worker_id: str
-    overlap_blocks: int
+    overlap_blocks: int  # leading prompt blocks the worker holds, in any tier
     cached_tokens: int  # overlap_blocks * block_size, at most prompt_tokens
     prompt_tokens: int
     block_hashes: tuple[int, ...]
     overlaps: Mapping[str, int] = field(default_factory=dict)  # every candidate's overlap
+    weighted_overlap: float = 0.0  # overlap_blocks weighed by tier (= it when all on device)
     hashing_us: float = 0.0
     lookup_us: float = 0.0
     schedule_us: float = 0.0
@@ -81,7 +86,13 @@ class KvRouter:
         cfg = self.config
         self.block_size = cfg.block_size
         self.approximate = not cfg.kv_events
-        self.index = KvIndex(approximate=self.approximate, ttl_s=cfg.approx_ttl_s, clock=clock)
+        self.index = KvIndex(
+            approximate=self.approximate,
+            ttl_s=cfg.approx_ttl_s,
+            clock=clock,
+            host_tier_weight=cfg.host_tier_weight,
+            disk_tier_weight=cfg.disk_tier_weight,
+        )
         self.loads = LoadTable(
             block_size=cfg.block_size,
             grace_s=cfg.pending_grace_s,
@@ -201,14 +212,25 @@ class KvRouter:
                 "no live worker to route to"
                 + ("" if candidates is None else f" among {sorted(set(candidates))}")
             )
-        overlaps = self.index.find_matches(hashes, pool)
+        overlaps, weighted = self.index.find_weighted_matches(hashes, pool)
         t2 = time.perf_counter()
 
         request_blocks = -(-prompt_tokens // self.block_size)
         with self._sched_lock:
-            options = [Candidate(w, overlaps.get(w, 0), self.loads.view(w)) for w in pool]
+            zeros = repeat(0)  # maps, not a comprehension: this runs for every request
+            options = list(
+                map(
+                    Candidate,
+                    pool,
+                    map(overlaps.get, pool, zeros),
+                    self.loads.views(pool),
+                    map(weighted.get, pool, zeros),
+                )
+            )
             chosen = self.policy.select(options, request_blocks)
-            new_blocks = request_blocks - chosen.overlap_blocks  # cached blocks are shared
+            # cached blocks are shared (a lower-tier one in part); whole blocks keep the
+            # pending sums exact
+            new_blocks = round(request_blocks - chosen.hit_blocks)
             self.loads.assign(chosen.worker_id, new_blocks, new_blocks, request_id)
         if self.approximate:
             self.index.assume_cached(chosen.worker_id, hashes)
@@ -221,6 +243,7 @@ class KvRouter:
             prompt_tokens=prompt_tokens,
             block_hashes=hashes,
             overlaps={c.worker_id: c.overlap_blocks for c in options},
+            weighted_overlap=chosen.hit_blocks,
             hashing_us=(t1 - t0) * 1e6,
             lookup_us=(t2 - t1) * 1e6,
             schedule_us=(t3 - t2) * 1e6,
@@ -232,6 +255,7 @@ class KvRouter:
             decision.hashing_us,
             decision.lookup_us,
             decision.schedule_us,
+            decision.weighted_overlap,
         )
         return decision
 

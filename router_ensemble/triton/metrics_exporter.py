@@ -7,7 +7,9 @@ pool it routes, `decode` or `prefill`):
 - `trident_router_decision_seconds{phase}`: histogram of the time one decision took, per
   phase: `hashing` (prompt -> block hashes), `lookup` (index), `schedule` (policy) and `total`;
 - `trident_router_prompt_blocks_total`, `trident_router_overlap_blocks_total`: the index's
-  view (full prompt blocks, and those the chosen worker held);
+  view (full prompt blocks, and those the chosen worker held in any tier);
+  `trident_router_weighted_overlap_blocks_total`: those blocks weighed by the best tier holding
+  each (device 1, host and disk less; see `routing.policies`);
 - `trident_router_prompt_tokens_total`, `trident_router_cached_tokens_total`: what the engines
   reported for finished requests (prompt tokens, and those served from the prefix cache);
 - `trident_router_cache_hit_rate{kind}`: `predicted` (overlap / prompt blocks) and `served`
@@ -36,6 +38,10 @@ PHASES = ("hashing", "lookup", "schedule", "total")
 _COUNTERS = {  # family -> (RoutingMetrics snapshot key, description)
     "trident_router_prompt_blocks_total": ("prompt_blocks", "Full prompt blocks of routed requests"),
     "trident_router_overlap_blocks_total": ("overlap_blocks", "Prompt blocks the chosen worker held, per the index"),
+    "trident_router_weighted_overlap_blocks_total": (
+        "weighted_overlap_blocks",
+        "Prompt blocks the chosen worker held, each weighed by its best tier",
+    ),
     "trident_router_prompt_tokens_total": ("served_prompt_tokens", "Prompt tokens of finished requests"),
     "trident_router_cached_tokens_total": ("served_cached_tokens", "Prompt tokens served from a worker's prefix cache"),
 }

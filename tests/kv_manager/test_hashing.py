@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 import xxhash
 
+from kv_manager import hashing
 from kv_manager.hashing import SEED, hash_block_tokens, hash_blocks, local_block_hash
 
 
@@ -39,3 +41,61 @@ def test_resume_from_parent_and_bad_args():
         hash_blocks(tokens, 0)
     with pytest.raises(ValueError):
         hash_blocks(tokens, 4, start=3)
+
+
+# ---------------------------------------------------------------- the two paths agree
+
+
+def _native_module():
+    """The C extension is optional (setup.py builds it where a compiler exists)."""
+    return pytest.importorskip("kv_manager._hashing", reason="C extension not built")
+
+
+@pytest.mark.parametrize("seed", [0, 1, SEED, 2**63 + 12345, 2**64 - 1])
+def test_native_xxh3_equals_xxhash_at_every_length(seed):
+    # every code path of XXH3-64: 0-3, 4-8, 9-16, 17-128, 129-240 bytes, then the long
+    # path's stripes, 1 KiB blocks, partial blocks and last stripe
+    ext = _native_module()
+    rng = random.Random(seed)
+    for n in range(0, 2600):
+        data = rng.randbytes(n)
+        assert ext.xxh3_64(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed), n
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 15, 16, 17, 32, 33, 60, 61, 64, 100, 256])
+def test_native_and_python_paths_give_the_same_hashes(block_size):
+    ext = _native_module()
+    rng = random.Random(block_size)
+    tokens = [rng.randrange(2**32) for _ in range(block_size * 9 + block_size // 2)]
+    end = block_size * 9
+    for parent, start in ((None, 0), (None, block_size * 2), (2**64 - 1, block_size), (7, 0)):
+        expected = hashing._chained_py(tokens, block_size, parent, start, end)
+        assert ext.chained_hashes(tokens, block_size, parent, start, end) == expected
+        assert hash_blocks(tokens, block_size, parent=parent, start=start) == expected
+    assert hashing.NATIVE
+
+
+def test_bad_token_ids_raise_type_or_overflow_error():
+    for path in (hash_blocks, lambda t, bs: hashing._chained_py(t, bs, None, 0, len(t))):
+        with pytest.raises(OverflowError):
+            path([1, -1], 2)
+        with pytest.raises(OverflowError):
+            path([1, 2**32], 2)
+        with pytest.raises(TypeError):
+            path([1, 2.0], 2)
+        with pytest.raises(TypeError):
+            path([1, "2"], 2)
+
+
+def test_int_like_token_ids_take_the_python_path():
+    class Token:  # e.g. a numpy integer: not an int, but has __index__
+        def __init__(self, value):
+            self.value = value
+
+        def __index__(self):
+            return self.value
+
+    tokens = list(range(100, 132))
+    assert hash_blocks([Token(t) for t in tokens], 16) == hash_blocks(tokens, 16)
+    assert hash_blocks(tuple(tokens), 16) == hash_blocks(tokens, 16)
+    assert hash_block_tokens(None, [Token(t) for t in tokens[:16]]) == hash_blocks(tokens, 16)[0]

@@ -114,6 +114,22 @@ class TokenChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class TierStats:
+    """Counters of one KV tier below the device pool (`kv_manager.tiers`), since start."""
+
+    medium: str  # "CPU" (host memory) or "DISK"
+    held_blocks: int
+    offloaded: int  # blocks written into the tier
+    onboarded: int  # blocks read back into the device pool
+    queried: int  # prompt blocks the device pool missed (the hit rate's denominator)
+    hits: int  # of those, onboarded from this tier
+    bytes_offloaded: int
+    bytes_onboarded: int
+    onboard_seconds: float
+    failed: int  # stores or loads that failed (full disk, corrupt file)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     """A snapshot of an engine's load, as published in load reports and metrics."""
 
@@ -128,6 +144,7 @@ class EngineStats:
     generated_tokens: int
     preemptions: int
     held_blocks: int = 0
+    tiers: tuple[TierStats, ...] = ()
 
 
 def _finite(x: object) -> bool:

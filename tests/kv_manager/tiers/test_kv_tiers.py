@@ -178,7 +178,7 @@ def test_a_full_disk_fails_the_store_not_the_caller(tmp_path, monkeypatch) -> No
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fdopen", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(TierError, match="No space left"):
         tier.write(job, 0, block(1.0))
     tier.complete_store(job, False)

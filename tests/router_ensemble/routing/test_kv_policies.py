@@ -20,15 +20,41 @@ from trident.core.errors import ConfigError
 
 
 def cand(
-    worker: str, overlap: int = 0, active: int = 0, prefill: int = 0, waiting: int = 0
+    worker: str,
+    overlap: int = 0,
+    active: int = 0,
+    prefill: int = 0,
+    waiting: int = 0,
+    weighted: float | None = None,
 ) -> Candidate:
-    return Candidate(worker, overlap, WorkerLoad(active, prefill, waiting=waiting))
+    return Candidate(worker, overlap, WorkerLoad(active, prefill, waiting=waiting), weighted)
 
 
 def test_kv_cost_is_dynamos() -> None:
     policy = KvPolicy(overlap_weight=2.0)
     # w * (new + backlog) + active + new, new = request - overlap (potential active blocks)
     assert policy.cost(cand("a", overlap=3, active=7, prefill=2), request_blocks=10) == 2.0 * 9 + 7 + 7
+
+
+def test_the_cost_counts_the_tier_weighted_overlap() -> None:
+    policy = KvPolicy(overlap_weight=2.0)
+    # 8 blocks held, weighed to 5.5 (say 4 on the device, 2 in host memory, 2 on disk):
+    # new = 10 - 5.5 = 4.5 in both terms
+    c = cand("a", overlap=8, active=7, prefill=2, weighted=5.5)
+    assert c.hit_blocks == 5.5 and cand("b", overlap=8).hit_blocks == 8
+    assert policy.cost(c, request_blocks=10) == 2.0 * (4.5 + 2) + 7 + 4.5
+
+
+def test_a_device_hit_beats_the_same_hit_in_lower_tiers() -> None:
+    policy = KvPolicy()
+    device, host = cand("device", 8), cand("host", 8, weighted=6.0)
+    disk = cand("disk", 8, weighted=2.0)
+    assert policy.select([disk, device], 10).worker_id == "device"
+    assert policy.select([disk, host], 10).worker_id == "host"
+    assert policy.select([host, device, disk], 10).worker_id == "device"
+    # a disk hit still beats no hit at all, and a device hit loses to it when busy enough
+    assert policy.select([cand("idle"), disk], 10).worker_id == "disk"
+    assert policy.select([cand("busy", 8, active=15), disk], 10).worker_id == "disk"
 
 
 def test_a_busy_prefix_holder_keeps_its_group() -> None:
@@ -130,3 +156,23 @@ def test_router_config_from_mapping() -> None:
         RoutingConfig.from_mapping({"block_size": "sixteen"}, env={})
     with pytest.raises(ConfigError, match="worker_timeout_s"):
         RoutingConfig.from_mapping({"worker_timeout_s": "0"}, env={})
+
+
+def test_tier_weights_config() -> None:
+    assert (RoutingConfig().host_tier_weight, RoutingConfig().disk_tier_weight) == (0.75, 0.25)
+    cfg = RoutingConfig.from_mapping(
+        {"host_tier_weight": "0.5", "disk_tier_weight": "0.2"},
+        env={"TRIDENT_ROUTER_DISK_TIER_WEIGHT": "0.1"},
+    )
+    assert cfg.host_tier_weight == 0.5 and cfg.disk_tier_weight == 0.1
+    assert RoutingConfig.from_mapping({"host_tier_weight": "1", "disk_tier_weight": "0"}, env={})
+    for key, raw in (
+        ("host_tier_weight", "-0.25"),
+        ("host_tier_weight", "1.5"),
+        ("disk_tier_weight", "nan"),
+        ("disk_tier_weight", "inf"),
+    ):
+        with pytest.raises(ConfigError, match=f"{key} must be between 0 and 1.*{raw}"):
+            RoutingConfig.from_mapping({key: raw}, env={})
+    with pytest.raises(ConfigError, match="host_tier_weight: cannot parse"):
+        RoutingConfig.from_mapping({"host_tier_weight": "high"}, env={})

@@ -11,6 +11,7 @@ from kv_manager.hashing import hash_blocks
 from kv_manager.wire import LoadReport
 from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
+from router_ensemble.routing.load import LoadTable, WorkerLoad
 from router_ensemble.routing.router import KvRouter, KvSelector
 from trident.core.errors import ValidationError, WorkerUnavailable
 
@@ -59,6 +60,36 @@ def test_routes_to_the_worker_holding_the_prefix() -> None:
     assert by_hashes.worker_id == "decode_2"
     # with the second one pending too, (3 + 7) + (7 + 3) = 20 > 16: the next goes to decode_1
     assert router.decide(block_hashes=HASHES).worker_id == "decode_1"
+
+
+def test_tiers_weigh_the_overlap() -> None:
+    # the same 12-block prefix: on decode's disk tier, decode_1's host memory, decode_2's
+    # device; decode_3 holds nothing
+    router = make_router()
+    router.apply_events("decode", [BlockStored(tuple(HASHES), None, (), BS, None, "DISK")])
+    router.apply_events("decode_1", [BlockStored(tuple(HASHES), None, (), BS, None, "CPU")])
+    router.apply_events("decode_2", [BlockStored(tuple(HASHES), None, (), BS, None, "GPU")])
+    decision = router.decide(PROMPT)
+    assert decision.worker_id == "decode_2" and decision.weighted_overlap == 12
+    assert decision.overlaps == {"decode": 12, "decode_1": 12, "decode_2": 12, "decode_3": 0}
+    without_device = router.decide(PROMPT, candidates=["decode", "decode_1"])
+    assert without_device.worker_id == "decode_1" and without_device.weighted_overlap == 9
+    # the prefix is cached wherever it is, so the engine will not compute it
+    assert without_device.overlap_blocks == 12 and without_device.cached_tokens == 12 * BS
+    # its pending load is the weighed new blocks: 13 - 9 = 4
+    assert router.loads.view("decode_1").active_blocks == 4
+    # a disk hit (12 x 0.25 = 3 blocks) still beats an idle worker with none
+    disk_only = router.decide(PROMPT, candidates=["decode", "decode_3"])
+    assert disk_only.worker_id == "decode" and disk_only.weighted_overlap == 3
+
+
+def test_tier_weights_come_from_the_config() -> None:
+    router = make_router(workers=("a",), host_tier_weight=0.3)
+    router.apply_events("a", [BlockStored(tuple(HASHES[:8]), None, (), BS, None, "CPU")])
+    decision = router.decide(PROMPT)
+    assert decision.weighted_overlap == pytest.approx(8 * 0.3)
+    # pending load counts whole blocks: 13 - 2.4 -> 11
+    assert router.loads.view("a").active_blocks == 11
 
 
 def test_load_outweighs_a_small_overlap() -> None:
@@ -163,3 +194,22 @@ def test_release_ends_pending_load_and_selector_adapter() -> None:
     for i in range(4):
         selector.release(f"q{i}")
     assert router.loads.view("b").active_blocks == router.loads.view("c").active_blocks == 0
+
+
+def test_load_table_release_and_reused_request_ids() -> None:
+    clock = FakeClock()
+    loads = LoadTable(block_size=BS, grace_s=0.1, max_age_s=5.0, clock=clock)
+    loads.assign("a", 3, 4, "r1")
+    loads.assign("a", 5, 6, "r2")
+    assert (loads.view("a").prefill_blocks, loads.view("a").active_blocks) == (8, 10)
+    loads.release("r1")
+    loads.release("r1")  # twice: no effect
+    assert (loads.view("a").prefill_blocks, loads.view("a").active_blocks) == (5, 6)
+    # a reused id names its newest assignment; the older one still expires on time
+    loads.assign("a", 1, 1, "x")
+    clock.now += 3
+    loads.assign("b", 2, 2, "x")
+    clock.now += 2.5  # a's items are past max age now, b's is not
+    assert loads.views(["a", "b", "zz"]) == [WorkerLoad(0, 0), WorkerLoad(2, 2), WorkerLoad(0, 0)]
+    loads.release("x")
+    assert loads.view("b") == WorkerLoad(0, 0)
