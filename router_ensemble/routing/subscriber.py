@@ -11,6 +11,13 @@ the router on its first message and leaves on "leave" or when its load reports s
 `worker_timeout_s` after subscribing is removed too (it died before its first report).
 Workers that never send load reports (plain vLLM) are never timed out.
 
+Workers join by `add_worker`, and, when the owner gives a `discover` callable, by discovery:
+the thread calls it every `discover_s` and listens to every endpoint it returns that it does
+not listen to yet. So the router follows a worker's stream from the moment the worker binds
+it, not from its first routed request. A worker counts as *synced* once its stream position
+is known and no resync is in flight (its index entry is whole); `wait_synced` lets a request
+thread wait for that, bounded, before it routes on a worker seen for the first time.
+
 Resync modes per worker: "snapshot" (Trident publishers: one reply rebuilds the worker),
 "replay" (vLLM's replay endpoint: the missed batches), "none"; "auto" picks snapshot once the
 worker has announced its resync endpoint, else replay if one is configured, else none.
@@ -22,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +141,8 @@ class KvEventSubscriber:
         worker_timeout_s: float | None = None,
         resync_timeout_s: float | None = None,
         poll_ms: int = 20,
+        discover: Callable[[], Iterable[WorkerEndpoint]] | None = None,
+        discover_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.router = router
@@ -143,8 +152,11 @@ class KvEventSubscriber:
         self._clock = clock
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._status_lock = threading.Lock()
+        self._status_lock = threading.Condition()  # notified whenever a status changes
         self._status: dict[str, dict[str, Any]] = {}
+        self._discover = discover
+        self._discover_s = discover_s
+        self._discovered_at = float("-inf")
         self._ctx = zmq.Context()
         self._conns: dict[str, _Conn] = {}
         self._poller = zmq.Poller()
@@ -174,11 +186,26 @@ class KvEventSubscriber:
                 return dict(self._status.get(worker_id, {}))
             return {w: dict(s) for w, s in self._status.items()}
 
+    def wait_synced(self, worker_ids: Collection[str], timeout: float) -> bool:
+        """Block until every worker in `worker_ids` is synced (see the module docstring) or
+        `timeout` seconds pass; True when all are. Request threads call it for workers they
+        see for the first time, so the first decision on them sees what they hold."""
+        deadline = time.monotonic() + timeout
+        with self._status_lock:
+            while not all(self._status.get(w, {}).get("synced") for w in worker_ids):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return False
+                self._status_lock.wait(left)
+            return True
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
+        with self._status_lock:
+            self._status_lock.notify_all()  # nobody waits for a sync that will not come
         if self._thread is not None:
             self._thread.join()
         else:
@@ -197,6 +224,7 @@ class KvEventSubscriber:
         try:
             while not self._stop.is_set():
                 self._drain_commands()
+                self._run_discovery(self._clock())
                 if not self._owner:  # zmq's poll returns at once with no socket to watch
                     self._stop.wait(self._poll_ms / 1000.0)
                     self._check_timers(self._clock())
@@ -226,6 +254,19 @@ class KvEventSubscriber:
             else:
                 self._remove(arg)
 
+    def _run_discovery(self, now: float) -> None:
+        if self._discover is None or now - self._discovered_at < self._discover_s:
+            return
+        self._discovered_at = now
+        try:
+            found = list(self._discover())
+        except Exception:  # a failing scan must not stop the stream of every known worker
+            logger.exception("kv subscriber: worker discovery failed")
+            return
+        for spec in found:
+            if spec.worker_id not in self._conns:
+                self._add(spec.validate())
+
     def _add(self, spec: WorkerEndpoint) -> None:
         old = self._conns.get(spec.worker_id)
         if old is not None:
@@ -254,6 +295,7 @@ class KvEventSubscriber:
         self.router.remove_worker(worker_id)
         with self._status_lock:
             self._status.pop(worker_id, None)
+            self._status_lock.notify_all()
 
     def _drain(self, conn: _Conn, sock: zmq.Socket) -> None:
         for _ in range(_MAX_DRAIN):
@@ -519,4 +561,6 @@ class KvEventSubscriber:
                 "gaps": sync.gaps,
                 "resyncs": sync.resyncs,
                 "restarts": sync.restarts,
+                "synced": conn.live and sync.next_seq is not None and not sync.resyncing,
             }
+            self._status_lock.notify_all()

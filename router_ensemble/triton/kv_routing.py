@@ -5,7 +5,10 @@ A `PoolRouting` puts the parts together for one pool (`decode`, `prefill`):
 - a `KvRouter` (index, load table, the configured policy: `kv`, `round_robin`, `random`,
   `least_loaded`; every policy sees the same index and loads, so they can be compared);
 - a `KvEventSubscriber` listening to each worker's ipc socket (`trident.core.endpoints`: the
-  socket name is the worker's model name, so discovery needs nothing but model names);
+  socket name is the worker's model name, so discovery needs nothing but model names). It
+  also finds the pool's sockets in the socket directory itself (`discover`, every half
+  second), so the router follows a worker's events from the moment the worker binds its
+  socket, before any request is routed;
 - `selector`, the orchestration's `WorkerSelector`: a `KvSelector` over the pool's
   `WorkerDirectory` (which replicas are ready; it re-probes at most every couple of
   seconds on request threads); before each decision the ready list is compared with the
@@ -14,6 +17,11 @@ A `PoolRouting` puts the parts together for one pool (`decode`, `prefill`):
 - `watch(client)`: the orchestration's `WorkerClient`, wrapped so that a request on a worker
   of this pool that disappears ends with an error instead of hanging (`watched_client`),
   with the router's notion of "gone" (left, silent, unloaded).
+
+A worker that becomes ready before the subscriber has its state (its snapshot is in flight)
+would be judged on an empty index entry, and a returning user's history held in its host
+or disk tier would be missed. So the request that first sees a worker ready waits, at most
+`resync_timeout_s`, until the subscriber has synced it.
 
 Both pools use the same cost, so prefill workers are chosen by cache overlap and load as
 decode workers are. Nothing here calls `pb_utils` from a thread of its own: the router's stub
@@ -37,7 +45,8 @@ from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.router import Decision, KvRouter, KvSelector
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
 from router_ensemble.triton.watched_client import WatchedWorkerClient
-from trident.core.endpoints import events_endpoint
+from trident.core.endpoints import SUFFIX, events_endpoint
+from trident.core.names import parse_replica
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +68,7 @@ class PoolRouting:
         self.config = config
         self.socket_dir = socket_dir
         self.router = KvRouter(config)
-        self.subscriber = KvEventSubscriber(self.router)
+        self.subscriber = KvEventSubscriber(self.router, discover=self.discover)
         self.selector = KvSelector(self.router, directory, on_workers=self.sync_workers, on_decision=on_decision)
         self._subscribed: tuple[str, ...] = ()  # the ready workers of the last sync
         self._sync_lock = threading.Lock()
@@ -78,19 +87,41 @@ class PoolRouting:
             )
         return self
 
+    def endpoint(self, worker: str) -> WorkerEndpoint:
+        return WorkerEndpoint(worker, events_endpoint(worker, self.socket_dir), reports_load=True)
+
+    def discover(self) -> list[WorkerEndpoint]:
+        """The pool's workers whose event sockets exist in the socket directory (called on
+        the subscriber thread; reads the directory only)."""
+        found = []
+        try:
+            names = [entry.name for entry in self.socket_dir.iterdir()]
+        except OSError:
+            return found
+        for name in names:
+            stem = name[: -len(SUFFIX)]
+            if name.endswith(SUFFIX) and (parse_replica(stem) or ("", 0))[0] == self.pool:
+                found.append(self.endpoint(stem))
+        return found
+
     def sync_workers(self, ready: tuple[str, ...]) -> None:
-        """Subscribe to workers that became ready, drop those that are gone."""
+        """Subscribe to workers that became ready (and wait, bounded, until they are synced),
+        drop those that are gone."""
         if ready == self._subscribed:  # every decision passes here: nothing changed, no lock
             return
         with self._sync_lock:
-            for worker in ready:
-                if worker not in self._subscribed:
-                    endpoint = events_endpoint(worker, self.socket_dir)
-                    self.subscriber.add_worker(WorkerEndpoint(worker, endpoint, reports_load=True))
+            new = [w for w in ready if w not in self._subscribed]
+            for worker in new:
+                self.subscriber.add_worker(self.endpoint(worker))
             for worker in self._subscribed:
                 if worker not in ready:
                     logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)
                     self.subscriber.remove_worker(worker)
+            if new and not self.subscriber.wait_synced(new, self.config.resync_timeout_s):
+                logger.warning(
+                    "kv routing: pool=%s worker(s) %s not synced after %.1fs; routing on what is known",
+                    self.pool, ", ".join(new), self.config.resync_timeout_s,
+                )
             self._subscribed = ready
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kv_manager.events import BlockStored
+from kv_manager.events import BlockRemoved, BlockStored
 from kv_manager.hashing import hash_blocks
 from kv_manager.publisher import KVEventPublisher
 from router_ensemble.routing.config import RoutingConfig
@@ -68,6 +69,60 @@ def test_discovers_workers_and_routes_to_the_prefix_holder(
         wait_until(lambda: routing.router.index.find_matches(hashes) == {}, tick=tick)
         assert routing.selector.select("r2", PROMPT).worker == "decode"
         assert routing.router.removals("decode_1") >= 1
+
+
+def test_first_request_sees_a_history_held_only_in_a_host_tier(
+    routing: PoolRouting, tmp_path: Path
+) -> None:
+    # Both workers served traffic before the router routed anything: decode_1 holds the
+    # prompt's history in host memory only (stored on device and in host memory, then
+    # evicted from the device). The router found their sockets itself, so the very first
+    # decision, with no wait of the test's own, sends the user to decode_1.
+    hashes = hash_blocks(PROMPT, BS)
+    with publisher("decode", tmp_path) as a, publisher("decode_1", tmp_path) as b:
+        a.publish([BlockStored(tuple(range(1, 9)), None, (), BS)])
+        b.publish([
+            BlockStored(tuple(hashes[:8]), None, (), BS),
+            BlockStored(tuple(hashes[:8]), None, (), BS, medium="CPU"),
+            BlockRemoved(tuple(hashes[:8])),
+        ])
+        with heartbeats(a, b):
+            selection = routing.selector.select("r1", PROMPT)
+        assert (selection.worker, selection.cached_tokens) == ("decode_1", 8 * BS)
+        assert routing.router.index.find_weighted_matches(hashes, ["decode", "decode_1"])[1] == {
+            "decode_1": 8 * 0.75
+        }
+
+
+def test_the_router_follows_a_worker_from_its_socket_before_any_request(
+    routing: PoolRouting, tmp_path: Path
+) -> None:
+    hashes = hash_blocks(PROMPT, BS)
+    with publisher("decode_1", tmp_path) as b, publisher("prefill", tmp_path), heartbeats(b):
+        b.publish([BlockStored(tuple(hashes[:4]), None, (), BS)])
+        wait_until(lambda: routing.router.index.find_matches(hashes) == {"decode_1": 4})
+        assert routing.subscriber.status("decode_1")["synced"]
+        assert routing.subscriber.status("prefill") == {}  # another pool's socket
+
+
+@contextlib.contextmanager
+def heartbeats(*publishers: KVEventPublisher, interval: float = 0.1) -> Iterator[None]:
+    """Load reports from each publisher every `interval`, as a Trident worker sends them."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            for pub in publishers:
+                pub.report_load(STATS)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_silent_worker_is_skipped_and_none_ready_is_an_error(
