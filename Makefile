@@ -29,11 +29,11 @@ $(VLLM_STAMP): $(STAMP) requirements-vllm.txt
 	$(PY) -m pip install -q --no-deps -r requirements-vllm.txt
 	touch $(VLLM_STAMP)
 
-# The benchmarks' peers, not needed by serve or test: NIXL (CUDA 12 wheel; its UCX backend
-# moves DRAM on CPU machines too) for vLLM's NixlConnector in `benchmarks.kv_connectors`, and
-# Dynamo's indexer (ai-dynamo-runtime) in `benchmarks.router_decision`.
+# The benchmarks' peers, not needed by serve or test: Dynamo's indexer (ai-dynamo-runtime) in
+# `benchmarks.router_decision`. (NIXL, which vLLM's NixlConnector in `benchmarks.kv_connectors`
+# uses too, is a runtime dependency: requirements.txt.)
 setup-peers: $(VLLM_STAMP)
-	$(PY) -m pip install -q --no-deps nixl-cu12==1.5.1 ai-dynamo-runtime==1.6.1
+	$(PY) -m pip install -q --no-deps ai-dynamo-runtime==1.6.1
 
 serve: setup
 	$(PY) -m trident serve $(ARGS)

@@ -8,9 +8,10 @@ times `copy_` of one contiguous tensor of the same number of bytes from the same
 into its own pool: the memcpy the transfer layer is measured against. Pull and memcpy
 repetitions alternate, and the median of each is reported.
 
-    python -m benchmarks.kv_transfer [--device cpu|cuda] [--json PATH]
+    python -m benchmarks.kv_transfer [--device cpu|cuda] [--transport local|nixl] [--json PATH]
 
 The last line is `kv transfer: X GB/s = P% of memcpy` for the largest block count.
+`--transport nixl` measures the cross-node path instead (`benchmarks.kv_transfer_nixl`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--transport", choices=["local", "nixl"], default="local",
+        help="local: the same-node pull (shm / CUDA IPC); nixl: the cross-node pull (NIXL READ)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -150,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: torch sees no CUDA device")
     if args.pool_blocks < max(SIZES):
         ap.error(f"--pool-blocks must be at least {max(SIZES)}")
+    if args.transport == "nixl":
+        if args.device != "cpu":
+            ap.error("--transport nixl: this benchmark moves DRAM (--device cpu)")
+        from benchmarks.kv_transfer_nixl import main as nixl_main
+
+        return nixl_main(LAYOUT, args.pool_blocks, args.budget_s, args.seed, args.json)
     rows = run(args.device, args.pool_blocks, args.budget_s, args.seed)
     where = (
         torch.cuda.get_device_name()

@@ -2,7 +2,8 @@
 learn when the decode side is done with them.
 
 Release notifications arrive on a ZMQ PULL socket bound to `ipc://` inside a private 0700
-temporary directory (only this user can connect), or to a random TCP port on 127.0.0.1.
+temporary directory (only this user can connect), or to a random TCP port on 127.0.0.1 (on
+the node's configured address, `release_host`, when decode workers on other nodes release).
 Each message is a lease id; lease ids are 128 random bits, so only a holder of the
 descriptor can end a lease early.
 """
@@ -52,6 +53,7 @@ class KVExporterImpl:
         lease_ttl_s: float = 30.0,
         *,
         transport: str = "ipc",
+        release_host: str = "127.0.0.1",
         expiry_grace_s: float = EXPIRY_GRACE_S,
     ) -> None:
         if memory.layout.fingerprint() != layout.fingerprint():
@@ -77,13 +79,13 @@ class KVExporterImpl:
         self._sock = zmq.Context.instance().socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
-            self.release_addr = self._bind(transport)
+            self.release_addr = self._bind(transport, release_host)
         except BaseException:
             self.close()
             raise
         log.debug("worker=%s: KV lease releases on %s", worker_id, self.release_addr)
 
-    def _bind(self, transport: str) -> str:
+    def _bind(self, transport: str, host: str) -> str:
         if transport == "ipc":
             tmp = tempfile.mkdtemp(prefix="trident_kvrel_")  # mode 0700
             # Removed by close(), or when this object is collected or the interpreter exits.
@@ -94,8 +96,8 @@ class KVExporterImpl:
                 self._sock.bind(addr)
                 return addr
             log.warning("temp dir path too long for an ipc socket (%s); using tcp", path)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        return f"tcp://127.0.0.1:{port}"
+        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
 
     def export(
         self, request_id: str, block_ids: list[int], num_tokens: int, block_hashes: list[int]

@@ -1,7 +1,8 @@
 """The bytes that tell a peer process how to map a KV pool (`KVPoolMemory.handle()`).
 
-A handle names the pool's memory (a POSIX shared-memory segment, or a CUDA IPC handle plus
-the GPU's UUID), the owner's pid, the pool's size and its full layout. The layout travels so
+A handle names the pool's memory (a POSIX shared-memory segment, a CUDA IPC handle plus
+the GPU's UUID, or, for a peer on another node, a NIXL agent's metadata and the pool's base
+address, signed: `kv_manager.transfer.nixl`), the owner's pid, the pool's size and its full layout. The layout travels so
 that a decode worker that refuses a mismatched pool can say what the peer has, not only that
 the fingerprints differ. Handles are built by the pools (`shm_pool`, `cuda_pool`) and parsed
 by `KVImporter`; nothing else looks inside.
@@ -9,6 +10,7 @@ by `KVImporter`; nothing else looks inside.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,9 @@ from trident.core.errors import KVTransferError
 HANDLE_VERSION = 1
 SHM_PREFIX = "trident_kv_"
 _SHM_NAME_RE = re.compile(r"^trident_kv_[0-9]+_[0-9a-f]{32}$")
-_KINDS = ("shm", "cuda", "local")
+_KINDS = ("shm", "cuda", "local", "nixl")
+_MEM_TYPES = ("DRAM", "VRAM")
+_AUTH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,9 @@ class PoolHandle:
     kind "cuda": `cuda_ipc` is the tuple `UntypedStorage._share_cuda_()` returned and
     `device_uuid` the GPU it lives on (device indices differ between processes).
     kind "local": reachable only from the owning process (non-shareable pools).
+    kind "nixl": `nixl_agent` / `nixl_meta` name the owner's NIXL agent, `base_addr`,
+    `mem_type` and `device_id` where block 0 starts; `auth` is the HMAC-SHA256 (hex) of
+    `signed_fields`, checked by the reader before it accepts the agent.
     """
 
     kind: str
@@ -42,13 +49,31 @@ class PoolHandle:
     shm_name: str = ""
     device_uuid: str = ""
     cuda_ipc: tuple[Any, ...] = ()
+    nixl_agent: str = ""
+    nixl_meta: bytes = b""
+    base_addr: int = 0
+    mem_type: str = ""
+    device_id: int = 0
+    auth: str = ""
 
     @property
     def nbytes(self) -> int:
         return self.num_blocks * self.layout.block_nbytes
 
 
-def encode_handle(h: PoolHandle) -> bytes:
+def encode_handle(h: PoolHandle, auth: str = "") -> bytes:
+    body = _body(h)
+    if h.kind == "nixl":
+        body["auth"] = auth or h.auth
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def signed_fields(h: PoolHandle) -> bytes:
+    """The bytes a NIXL handle's `auth` tag covers: every field but the tag."""
+    return msgpack.packb(_body(h), use_bin_type=True)
+
+
+def _body(h: PoolHandle) -> dict[str, Any]:
     lay = h.layout
     body = {
         "v": HANDLE_VERSION,
@@ -68,7 +93,12 @@ def encode_handle(h: PoolHandle) -> bytes:
         "device_uuid": h.device_uuid,
         "cuda_ipc": list(h.cuda_ipc),
     }
-    return msgpack.packb(body, use_bin_type=True)
+    if h.kind == "nixl":
+        body.update(
+            nixl_agent=h.nixl_agent, nixl_meta=h.nixl_meta, base_addr=h.base_addr,
+            mem_type=h.mem_type, device_id=h.device_id,
+        )
+    return body
 
 
 def decode_handle(data: bytes) -> PoolHandle:
@@ -104,7 +134,34 @@ def decode_handle(data: bytes) -> PoolHandle:
         raise KVTransferError(f"pool_handle.shm_name: not a Trident segment: {handle.shm_name!r}")
     if kind == "cuda" and (len(handle.cuda_ipc) != 8 or not handle.device_uuid):
         raise KVTransferError("pool_handle.cuda_ipc: malformed CUDA IPC handle")
+    if kind == "nixl":
+        handle = _nixl_fields(handle, body)
     return handle
+
+
+def _nixl_fields(handle: PoolHandle, body: dict[str, Any]) -> PoolHandle:
+    agent = _field(body, "nixl_agent", str)
+    if not 0 < len(agent) <= 256:
+        raise KVTransferError("pool_handle.nixl_agent: must be 1 to 256 characters")
+    meta = _field(body, "nixl_meta", bytes)
+    if not meta:
+        raise KVTransferError("pool_handle.nixl_meta: empty")
+    base = _field(body, "base_addr", int)
+    if not 0 < base < 1 << 64:
+        raise KVTransferError(f"pool_handle.base_addr: {base!r} is not an address")
+    mem_type = _field(body, "mem_type", str)
+    if mem_type not in _MEM_TYPES:
+        raise KVTransferError(f"pool_handle.mem_type: expected one of {_MEM_TYPES}, got {mem_type!r}")
+    device_id = _field(body, "device_id", int)
+    if not 0 <= device_id < 1 << 16:
+        raise KVTransferError(f"pool_handle.device_id: {device_id!r} is not a device")
+    auth = _field(body, "auth", str)
+    if not _AUTH_RE.match(auth):
+        raise KVTransferError("pool_handle.auth: missing or malformed tag")
+    return dataclasses.replace(
+        handle, nixl_agent=agent, nixl_meta=meta, base_addr=base, mem_type=mem_type,
+        device_id=device_id, auth=auth,
+    )
 
 
 def _field(body: dict[str, Any], name: str, typ: type) -> Any:

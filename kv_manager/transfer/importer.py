@@ -1,6 +1,7 @@
 """The decode side of a KV handoff: check a descriptor, map the peer pool, copy, release.
 
-Peer pools are mapped once per pool and cached (least recently used beyond `max_peers` are
+Peer pools are mapped once per pool and cached (a pool on another node is not mapped: it is
+READ through NIXL, `kv_manager.transfer.nixl`, after its handle's tag is checked) (least recently used beyond `max_peers` are
 dropped, and so are shared-memory peers whose segment has been unlinked, checked whenever a
 new peer is mapped). Release sockets are cached per address the same way.
 """
@@ -24,6 +25,7 @@ from kv_manager.transfer.cuda_pool import open_cuda
 from kv_manager.transfer.descriptor import decode_descriptor
 from kv_manager.transfer.handle import PoolHandle, decode_handle
 from kv_manager.transfer.local_pool import lookup_local, torch_dtype
+from kv_manager.transfer.nixl import NixlReader
 from kv_manager.transfer.shm_pool import attach_shm, segment_exists
 from trident.core.errors import KVTransferError
 
@@ -61,7 +63,12 @@ class KVImporterImpl:
     """
 
     def __init__(
-        self, layout: KVLayout, *, copy_threads: int | None = None, max_peers: int = 32
+        self,
+        layout: KVLayout,
+        *,
+        copy_threads: int | None = None,
+        max_peers: int = 32,
+        secret: bytes | None = None,
     ) -> None:
         self.layout = layout
         self._fingerprint = layout.fingerprint()
@@ -71,6 +78,8 @@ class KVImporterImpl:
         self._handles: OrderedDict[bytes, PoolHandle] = OrderedDict()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._secret = secret  # authenticates NIXL peers (pools on other nodes)
+        self._nixl: NixlReader | None = None
         self._closed = False
 
     # -- open --------------------------------------------------------------------------
@@ -92,7 +101,10 @@ class KVImporterImpl:
                 f"{len(desc.block_ids)} blocks of {self.layout.block_size}"
             )
         check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
-        self._peer(handle)
+        if handle.kind == "nixl":
+            self._reader().verify(handle)
+        else:
+            self._peer(handle)
         return desc
 
     # -- pull --------------------------------------------------------------------------
@@ -107,6 +119,11 @@ class KVImporterImpl:
         dst_ids = check_ids("dst_block_ids", dst_block_ids, dst_pool.shape[0])
         if len(set(dst_ids)) != len(dst_ids):
             raise KVTransferError("dst_block_ids: a block appears twice")
+        handle = self._parse_handle(desc.pool_handle)
+        if handle.kind == "nixl":
+            reader = self._reader()
+            self._under_lease(desc, handle, lambda src_ids: reader.read(handle, dst_pool, src_ids, dst_ids))
+            return
         self.read(desc, lambda peer, src_ids: self._copier.copy(peer, dst_pool, src_ids, dst_ids))
 
     def read(self, desc: KVDescriptor, copy: Callable[[torch.Tensor, list[int]], None]) -> None:
@@ -117,14 +134,22 @@ class KVImporterImpl:
         `copy` reads `peer_pool[src_ids]` (read-only on CPU) and writes where it likes."""
         self._check_open()
         handle = self._parse_handle(desc.pool_handle)
+        if handle.kind == "nixl":
+            raise KVTransferError(
+                f"KV pool of worker {desc.worker_id} is on another node (NIXL): it can only be "
+                "pulled into a pool in this layout"
+            )
         peer = self._peer(handle)
+        self._under_lease(desc, handle, lambda src_ids: copy(peer.tensor, src_ids))
+
+    def _under_lease(self, desc: KVDescriptor, handle: PoolHandle, copy: Callable[[list[int]], None]) -> None:
         # The copy moves raw pointers: an id out of range must never reach it.
         src_ids = check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
         if time.time() >= desc.lease_expiry:
             raise KVTransferError(
                 f"KV lease {desc.lease_id} of worker {desc.worker_id} has expired"
             )
-        copy(peer.tensor, src_ids)
+        copy(src_ids)
         if time.time() >= desc.lease_expiry:
             # The exporter frees only after a grace period, but past the expiry there is no
             # promise left: the caller must recompute instead of trusting these blocks.
@@ -184,8 +209,16 @@ class KVImporterImpl:
         self._peers.clear()
         self._handles.clear()
         self._copier.close()
+        if self._nixl is not None:
+            self._nixl.close()
+            self._nixl = None
 
     # -- peers -------------------------------------------------------------------------
+    def _reader(self) -> NixlReader:
+        if self._nixl is None:
+            self._nixl = NixlReader(self._secret, max_peers=self._max_peers)
+        return self._nixl
+
     def _check_open(self) -> None:
         if self._closed:
             raise KVTransferError("the KV importer is closed")
@@ -208,6 +241,10 @@ class KVImporterImpl:
         if peer is not None:
             self._peers.move_to_end(handle.pool_id)
             return peer
+        if handle.kind == "nixl":
+            raise KVTransferError(
+                f"peer KV pool {handle.pool_id} is on another node: it is read through NIXL, not mapped"
+            )
         if handle.kind == "local":
             raise KVTransferError(
                 f"peer KV pool {handle.pool_id} (pid {handle.pid}) is not shareable or is closed; "

@@ -15,6 +15,7 @@ from trident.core.settings import load_settings
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 OFFLOAD_POLICIES = ("write_through", "evict")  # kv_manager.tiers.cache.POLICIES
+KV_TRANSPORTS = ("local", "nixl")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,11 @@ class TorchEngineConfig:
     shareable_kv: bool = False  # allocate the pool so peers can map it (disaggregation)
     worker_id: str = "worker"
     lease_ttl_s: float = 30.0
+    # how decode workers reach this pool: "local" (same node: shm / CUDA IPC) or "nixl" (any
+    # node: NIXL READ, peers authenticated by TRIDENT_KV_SECRET[_FILE]); leases are then
+    # released over TCP to kv_release_host, the node's address (loopback unless configured)
+    kv_transport: str = "local"
+    kv_release_host: str = "127.0.0.1"
     cache_dir: str = ""  # where converted weights are cached; "" = ~/.cache/trident
     kv_host_mb: int = 0  # host-memory KV tier below the pool (pinned on CUDA); 0 = none
     kv_disk_gb: float = 0.0  # disk KV tier; 0 = none
@@ -59,6 +65,10 @@ class TorchEngineConfig:
             raise ConfigError(f"kv_disk_admit_after must be >= 1, got {self.kv_disk_admit_after}")
         if self.kv_offload not in OFFLOAD_POLICIES:
             raise ConfigError(f"kv_offload must be one of {OFFLOAD_POLICIES}, got {self.kv_offload!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ConfigError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
+        if not self.kv_release_host:
+            raise ConfigError("kv_release_host must be an address of this node")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s must be positive, got {self.lease_ttl_s}")
         return self

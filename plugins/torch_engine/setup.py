@@ -19,6 +19,7 @@ from kv_manager.tiers import DiskTier, HostTier
 from kv_manager.tiers.base import IndexedTier
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 from kv_manager.transfer.base import KVPoolMemory
+from kv_manager.transfer.nixl import NixlPool, load_secret
 from plugins.base import EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.llama import LlamaModel
@@ -126,10 +127,20 @@ def build_tiers(cfg: TorchEngineConfig, layout: KVLayout, device: torch.device) 
 
 
 def _attach_transfer(parts: EngineParts, cfg: TorchEngineConfig) -> None:
-    """Every engine can import KV; a shareable pool can also export it under leases."""
+    """Every engine can import KV (from a pool on another node too, when the cluster's KV
+    secret is set); a shareable pool can also export it under leases, to decode workers on
+    this node (`kv_transport="local"`: shm / CUDA IPC) or on any node (`"nixl"`)."""
     layout = parts.info.kv_layout
-    parts.importer = KVImporterImpl(layout)
+    secret = load_secret()
+    parts.importer = KVImporterImpl(layout, secret=secret)
     parts._closers.append(parts.importer.close)
     if cfg.shareable_kv:
-        parts.exporter = KVExporterImpl(parts.memory, layout, cfg.worker_id, cfg.lease_ttl_s)
+        memory: KVPoolMemory = parts.memory
+        if cfg.kv_transport == "nixl":
+            memory = NixlPool(parts.memory, cfg.worker_id, secret)
+            parts._closers.append(memory.close)  # closed before the pool it registers
+        parts.exporter = KVExporterImpl(
+            memory, layout, cfg.worker_id, cfg.lease_ttl_s,
+            transport="tcp" if cfg.kv_transport == "nixl" else "ipc", release_host=cfg.kv_release_host,
+        )
         parts._closers.append(parts.exporter.close)

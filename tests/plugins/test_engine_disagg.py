@@ -1,6 +1,7 @@
 """Disaggregated prefill/decode between two engines in two processes: the prefill engine
 holds the prompt's KV under a lease, the decode engine pulls it (POSIX shared memory on
-CPU, CUDA IPC on GPU) and continues. Greedy output must equal one aggregated engine's."""
+CPU, CUDA IPC on GPU; or through NIXL, as from another node) and continues. Greedy output
+must equal one aggregated engine's."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def _prefill_worker(model_dir: str, device: str, conn) -> None:
+def _prefill_worker(model_dir: str, device: str, conn, transport: str = "local") -> None:
     """Child process: a prefill engine answering (request_id, prompt) with (token, descriptor)."""
-    eng = TorchEngine(_cfg(model_dir, device, shareable_kv=True, lease_ttl_s=5.0, worker_id="prefill"))
+    eng = TorchEngine(_cfg(model_dir, device, shareable_kv=True, lease_ttl_s=5.0, worker_id="prefill",
+                           kv_transport=transport))
     eng.start()
     try:
         while True:
@@ -51,10 +53,10 @@ def _tokens(engine: TorchEngine, req: GenerateRequest) -> list[int]:
     return [t for c in engine.generate(req, timeout=60) for t in c.output_ids]
 
 
-def _run_disagg(model_dir: str, device: str) -> None:
+def _run_disagg(model_dir: str, device: str, transport: str = "local") -> None:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill_worker, args=(model_dir, device, child), daemon=True)
+    proc = ctx.Process(target=_prefill_worker, args=(model_dir, device, child, transport), daemon=True)
     proc.start()
     decode = TorchEngine(_cfg(model_dir, device, worker_id="decode"))
     decode.start()
@@ -83,6 +85,12 @@ def _run_disagg(model_dir: str, device: str) -> None:
 
 def test_disaggregated_equals_aggregated_cpu(tiny_model_dir):
     _run_disagg(tiny_model_dir, "cpu")
+
+
+def test_disaggregated_over_nixl_equals_aggregated(tiny_model_dir, monkeypatch):
+    # both engines read the cluster's KV secret from the environment (the child inherits it)
+    monkeypatch.setenv("TRIDENT_KV_SECRET", "nixl-test-secret-0123456789abcdef")
+    _run_disagg(tiny_model_dir, "cpu", transport="nixl")
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import torch
 
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
+from kv_manager.transfer.nixl import NixlPool
 
 LAYOUT_ARGS = (2, 2, 8, 4, "bfloat16", "tiny-test-model")
 SHORT_TTL_S = 0.4
@@ -23,8 +24,11 @@ def block_bytes(tensor: torch.Tensor, ids: list[int]) -> bytes:
     return tensor[ids].cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def prefill_main(conn, layout_args, num_blocks: int, device: str, seed: int) -> None:
-    """Own a shareable pool filled with seeded noise and two exporters over it.
+def prefill_main(
+    conn, layout_args, num_blocks: int, device: str, seed: int, nixl_secret: bytes | None = None
+) -> None:
+    """Own a shareable pool filled with seeded noise and two exporters over it (with
+    `nixl_secret`: a plain pool that peers reach through NIXL, as on another node).
 
     "long" leases last 60 s; "short" ones SHORT_TTL_S (+ SHORT_GRACE_S before freeing).
     Commands: ("export", which, block_ids, num_tokens, hashes) -> descriptor bytes;
@@ -33,7 +37,9 @@ def prefill_main(conn, layout_args, num_blocks: int, device: str, seed: int) -> 
     """
     torch.set_num_threads(1)
     layout = KVLayout(*layout_args)
-    pool = allocate_pool(layout, num_blocks, device, shareable=True)
+    pool = allocate_pool(layout, num_blocks, device, shareable=nixl_secret is None)
+    if nixl_secret is not None:
+        pool = NixlPool(pool, "prefill", nixl_secret)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(pool.tensor.shape, generator=gen).to(pool.tensor.dtype)
     pool.tensor.copy_(noise)
@@ -61,6 +67,8 @@ def prefill_main(conn, layout_args, num_blocks: int, device: str, seed: int) -> 
             for exporter in exporters.values():
                 exporter.close()
             pool.close()
+            if isinstance(pool, NixlPool):
+                pool.memory.close()
             conn.send("closed")
             return
         elif cmd == "exit":
