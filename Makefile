@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
 VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup setup-vllm setup-peers serve test lint bench clean
+.PHONY: setup setup-vllm setup-peers setup-etcd serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,17 @@ $(VLLM_STAMP): $(STAMP) requirements-vllm.txt
 setup-peers: $(VLLM_STAMP)
 	$(PY) -m pip install -q --no-deps ai-dynamo-runtime==1.6.1
 
+# Debian's etcd-server: the discovery tests start a real etcd (tests/etcd_server.py). Installing
+# it needs root, as on CI; the package's service is not started (the tests run their own).
+setup-etcd:
+	@command -v etcd >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q etcd-server >/dev/null || { apt-get update -q >/dev/null && \
+	    apt-get install -y -q etcd-server >/dev/null; }; }
+
 serve: setup
 	$(PY) -m trident serve $(ARGS)
 
-test: setup setup-vllm
+test: setup setup-vllm setup-etcd
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -5,6 +5,11 @@ load-report and announce/leave topics on the same PUB socket). A ROUTER socket n
 answers resync requests: vLLM's replay (the batches since a sequence number, from a bounded
 buffer) and Trident's snapshot (every block hash the worker holds, as one event batch), so a
 router that missed messages, or started after the worker, can rebuild its view.
+
+On one node the sockets are ipc:// (or loopback TCP). For routers on other nodes a worker
+binds TCP on its node's address, and only with `curve` (`trident.core.cluster_secret`): both
+sockets are then CURVE servers and a ZAP handler admits only clients holding the cluster's
+client key, so a peer without the secret can neither read the stream nor ask for snapshots.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from collections import deque
 from collections.abc import Iterable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from kv_manager import wire
 from kv_manager.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvents, KVEvent
+from trident.core.cluster_secret import CurveKeys
 from trident.core.errors import ConfigError
 from trident.core.types import EngineStats
 
@@ -59,6 +66,7 @@ class KVEventPublisher:
         hwm: int = 100_000,
         linger_ms: int = 200,
         engine_events: EngineEvents | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         if not worker_id:
             raise ConfigError("worker_id must be a non-empty string")
@@ -86,14 +94,21 @@ class KVEventPublisher:
         self._router: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
         self._ipc_inodes: dict[str, int] = {}  # path -> inode of the socket files bound here
+        self._auth: ThreadAuthenticator | None = None
         try:
+            if curve is not None:
+                self._auth = _start_authenticator(self._ctx, curve)
+                curve.serve(self._pub)
             self._pub.setsockopt(zmq.SNDHWM, hwm)
-            self.endpoint = _bind(self._pub, endpoint, "endpoint", self._ipc_inodes)
+            self.endpoint = _bind(self._pub, endpoint, "endpoint", self._ipc_inodes, secured=curve is not None)
             self.resync_endpoint = ""
             if resync_endpoint:
                 self._router = self._ctx.socket(zmq.ROUTER)
+                if curve is not None:
+                    curve.serve(self._router)
                 self.resync_endpoint = _bind(
-                    self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint", self._ipc_inodes
+                    self._router, _resync_address(self.endpoint, resync_endpoint), "resync_endpoint",
+                    self._ipc_inodes, secured=curve is not None,
                 )
         except BaseException:
             self._close_sockets()
@@ -305,6 +320,9 @@ class KVEventPublisher:
         self._pub.close(linger=self._linger_ms)
         if self._router is not None:
             self._router.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self._ctx.term()
         for address in (getattr(self, "endpoint", ""), getattr(self, "resync_endpoint", "")):
             _unlink_own_ipc_file(address, self._ipc_inodes)
@@ -323,20 +341,47 @@ def _unlink_own_ipc_file(address: str, inodes: dict[str, int]) -> None:
         pass
 
 
-def _bind(sock: zmq.Socket, endpoint: str, field: str, ipc_inodes: dict[str, int]) -> str:
-    """Bind to a loopback TCP port (0 = any free port) or an ipc path; return the address. An
-    ipc socket file's inode goes into `ipc_inodes` (for `_unlink_own_ipc_file`)."""
+class _ClusterClients:
+    """ZAP credentials check: only the cluster's client key may connect."""
+
+    def __init__(self, client_public: bytes) -> None:
+        self.client_public = client_public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.client_public:
+            return True
+        logger.warning("kv publisher: refused a subscriber without the cluster's key")
+        return False
+
+
+def _start_authenticator(ctx: zmq.Context, curve: CurveKeys) -> ThreadAuthenticator:
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("kv_manager.publisher.zap"))
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=_ClusterClients(curve.client_public))
+    return auth
+
+
+def _bind(sock: zmq.Socket, endpoint: str, field: str, ipc_inodes: dict[str, int], *, secured: bool = False) -> str:
+    """Bind to a loopback TCP port (0 = any free port), an ipc path, or, `secured` (CURVE),
+    TCP on any given address; return the address. An ipc socket file's inode goes into
+    `ipc_inodes` (for `_unlink_own_ipc_file`)."""
     if endpoint.startswith("ipc://"):
         if len(endpoint) <= len("ipc://"):
             raise ConfigError(f"{field}: ipc endpoint needs a path, got {endpoint!r}")
         address = endpoint
     elif endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://") :].rpartition(":")
-        if host not in _LOOPBACK_HOSTS:
-            raise ConfigError(f"{field}: must bind to 127.0.0.1 (or use ipc://), got {endpoint!r}")
+        if host not in _LOOPBACK_HOSTS and not secured:
+            raise ConfigError(
+                f"{field}: must bind to 127.0.0.1 (or use ipc://), got {endpoint!r}; other "
+                "addresses need the cluster secret (CURVE)"
+            )
+        if not host or host in ("*", "0.0.0.0", "::"):
+            raise ConfigError(f"{field}: bind to this node's address, not a wildcard: {endpoint!r}")
         if not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{field}: bad port in {endpoint!r}")
-        address = f"tcp://127.0.0.1:{'*' if int(port) == 0 else port}"
+        host = "127.0.0.1" if host == "localhost" else host
+        address = f"tcp://{host}:{'*' if int(port) == 0 else port}"
     else:
         raise ConfigError(f"{field}: expected tcp://127.0.0.1:PORT or ipc://PATH, got {endpoint!r}")
     try:
@@ -354,4 +399,5 @@ def _resync_address(events_endpoint: str, resync_endpoint: str) -> str:
         return resync_endpoint
     if events_endpoint.startswith("ipc://"):
         return events_endpoint + "-resync"
-    return "tcp://127.0.0.1:0"
+    host = events_endpoint[len("tcp://"):].rpartition(":")[0]
+    return f"tcp://{host}:0"

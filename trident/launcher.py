@@ -337,6 +337,8 @@ class Launcher:
     def environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.config.engine_env())
+        if self.config.node_name and self.endpoints is not None:  # where other nodes reach its workers
+            env["TRIDENT_NODE_GRPC"] = f"{self.config.node_address}:{self.endpoints.grpc_port}"
         env["TRIDENT_ROOT"] = str(REPO_ROOT)
         if not env.get(EVENTS_DIR_ENV, "").strip():  # else the user chose one
             if self.kv_events_dir is None:  # private (0700) and removed in stop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from trident.core.errors import ConfigError
 from trident.core.flags import add_flags, from_namespace
+from trident.core.node import NodeConfig
 
 ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -54,6 +55,10 @@ _HELP = {
     "api_key": "Bearer token the OpenAI frontend requires ('' = none)",
     "planner": "also run the planner (`python -m planner`; its settings: TRIDENT_PLANNER_* variables)",
     "admin_key_file": "write the model-repository key to this file (0600) for a planner run separately ('' = do not)",
+    "node_name": "this node's name in a multi-node cluster ('' = a single node); its workers are <node>/<model>",
+    "node_address": "this node's address: cross-node sockets bind here and other nodes dial it",
+    "etcd": "etcd client URL (http://host:2379): workers register there, routers find other nodes' workers",
+    "remote_workers": "routers: a static list of other nodes' workers (JSON, or a JSON file) instead of etcd",
 }
 
 
@@ -87,6 +92,10 @@ class ServeConfig:
     api_key: str = ""
     planner: bool = False
     admin_key_file: str = ""
+    node_name: str = ""
+    node_address: str = ""
+    etcd: str = ""
+    remote_workers: str = ""
 
     def validate(self) -> ServeConfig:
         """Return self, or raise `ConfigError` naming the first bad field."""
@@ -122,7 +131,17 @@ class ServeConfig:
             raise ConfigError("host must not be empty")
         if not -1 <= self.openai_port <= 65535:
             raise ConfigError(f"openai_port must be -1 (off) or in [0, 65535], got {self.openai_port}")
+        if self.node_name and self.host not in (self.node_address, "0.0.0.0"):
+            raise ConfigError(
+                f"host: other nodes' routers reach node {self.node_name}'s workers at {self.node_address or '?'}; "
+                "bind --host to --node-address"
+            )
+        self.node().validate()
         return self
+
+    def node(self) -> NodeConfig:
+        grpc = f"{self.node_address}:{self.grpc_port}"  # the launcher exports the port it binds
+        return NodeConfig(self.node_name, self.node_address, grpc, self.etcd, remote_workers=self.remote_workers)
 
     def engine_env(self) -> dict[str, str]:
         """`TRIDENT_*` variables for tritonserver's environment (engine and router settings)."""
@@ -151,6 +170,12 @@ class ServeConfig:
             env["TRIDENT_ROUTER_POLICY"] = self.router_policy
         if self.disagg_threshold >= 0:
             env["TRIDENT_ROUTER_DISAGG_THRESHOLD"] = str(self.disagg_threshold)
+        for key in ("node_name", "node_address", "etcd", "remote_workers"):
+            if getattr(self, key):
+                env[ENV_PREFIX + key.upper()] = getattr(self, key)
+        if self.node_name:  # decode workers on other nodes pull prefilled KV through NIXL
+            env["TRIDENT_KV_TRANSPORT"] = "nixl"
+            env["TRIDENT_KV_RELEASE_HOST"] = self.node_address
         return env
 
     @classmethod

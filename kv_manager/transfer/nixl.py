@@ -30,8 +30,7 @@ import secrets
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,35 +39,12 @@ import torch
 from kv_manager.layout import KVLayout
 from kv_manager.transfer.base import KVPoolMemory
 from kv_manager.transfer.handle import PoolHandle, encode_handle, signed_fields
+from trident.core.cluster_secret import SECRET_ENV, SECRET_FILE_ENV
 from trident.core.errors import ConfigError, KVTransferError
 
 log = logging.getLogger(__name__)
 
-SECRET_ENV = "TRIDENT_KV_SECRET"
-SECRET_FILE_ENV = "TRIDENT_KV_SECRET_FILE"
-_MIN_SECRET = 16  # bytes
 _XFER_POLLS_PER_CHECK = 1 << 14
-
-
-def load_secret(env: Mapping[str, str] | None = None) -> bytes | None:
-    """The shared KV secret from `TRIDENT_KV_SECRET_FILE` (a file) or `TRIDENT_KV_SECRET`;
-    None when neither is set. A secret shorter than 16 bytes is a `ConfigError`."""
-    env = os.environ if env is None else env
-    path = (env.get(SECRET_FILE_ENV) or "").strip()
-    if path:
-        try:
-            value = Path(path).expanduser().read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"{SECRET_FILE_ENV}: cannot read {path!r}: {exc}") from None
-        source = SECRET_FILE_ENV
-    else:
-        value = (env.get(SECRET_ENV) or "").strip().encode()
-        source = SECRET_ENV
-        if not value:
-            return None
-    if len(value) < _MIN_SECRET:
-        raise ConfigError(f"{source}: the KV secret must be at least {_MIN_SECRET} bytes")
-    return value
 
 
 def sign(handle: PoolHandle, secret: bytes) -> str:

@@ -19,10 +19,11 @@ from kv_manager.tiers import DiskTier, HostTier
 from kv_manager.tiers.base import IndexedTier
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 from kv_manager.transfer.base import KVPoolMemory
-from kv_manager.transfer.nixl import NixlPool, load_secret
+from kv_manager.transfer.nixl import NixlPool
 from plugins.base import EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.llama import LlamaModel
+from trident.core.cluster_secret import load_secret
 
 log = logging.getLogger(__name__)
 

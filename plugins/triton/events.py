@@ -8,6 +8,12 @@ the worker; `close()` says "leave". An engine that publishes its own KV events (
 `EngineInfo.kv_events`) keeps its stream; the announce and load reports name it, so the router
 listens to both.
 
+On a node of a cluster (`trident.core.node.NodeConfig.node_name` set) the publisher binds TCP
+on the node's address instead, secured with CURVE keys from the cluster secret, and, with
+`etcd` set, the worker registers `<node>/<model>` there under a lease
+(`trident.core.discovery.EtcdRegistration`), so routers on other nodes find its gRPC address
+and its event stream. `close()` revokes that lease first.
+
 Who calls it: `plugins.triton.model.WorkerModel.start()` calls `start(engine)` once the engine
 runs; `WorkerModel.shutdown()` calls `close()` before stopping the engine, so the router
 stops choosing the worker first. The engine owns its blocks; this class only reads events
@@ -25,8 +31,12 @@ from dataclasses import dataclass
 
 from kv_manager.publisher import KVEventPublisher
 from plugins.base import Engine
+from trident.core.cluster_secret import curve_keys, require_secret
+from trident.core.discovery import EtcdClient, EtcdRegistration, WorkerRecord
 from trident.core.endpoints import events_dir, events_endpoint, release_endpoint
 from trident.core.errors import ConfigError
+from trident.core.names import parse_replica
+from trident.core.node import NodeConfig
 from trident.core.settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -68,6 +78,8 @@ class WorkerEvents:
         self._params = dict(params or {})
         self._endpoint = endpoint
         self.publisher: KVEventPublisher | None = None
+        self.registration: EtcdRegistration | None = None
+        self.node = NodeConfig.from_mapping(self._params)
         self._engine: Engine | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,15 +96,28 @@ class WorkerEvents:
         """Bind the sockets (announcing the worker) and start publishing. Idempotent."""
         if not self.config.kv_events or self.publisher is not None:
             return
-        endpoint = self._endpoint or events_endpoint(self.worker, events_dir(self._params))
+        node, curve, secret = self.node, None, None
+        if node.node_name:  # other nodes' routers listen: TCP on this node's address, CURVE
+            secret = require_secret("a worker on a cluster node")
+            curve = curve_keys(secret)
+            endpoint = self._endpoint or f"tcp://{node.node_address}:0"
+        else:
+            endpoint = self._endpoint or events_endpoint(self.worker, events_dir(self._params))
         self._engine = engine
         info = engine.info()
         self.publisher = KVEventPublisher(
-            self.worker, endpoint, block_size=info.block_size, engine_events=info.kv_events
+            self.worker, endpoint, block_size=info.block_size, engine_events=info.kv_events, curve=curve
         )
         self.publisher.report_load(engine.stats())
         self._thread = threading.Thread(target=self._loop, name=f"kv-events-{self.worker}", daemon=True)
         self._thread.start()
+        if node.node_name and node.etcd and secret is not None:
+            replica = parse_replica(self.worker)
+            record = WorkerRecord(f"{node.node_name}/{self.worker}", replica[0] if replica else self.worker,
+                                  node.node_grpc, self.publisher.endpoint)
+            self.registration = EtcdRegistration(
+                EtcdClient(node.etcd), record, secret, prefix=node.etcd_prefix, ttl_s=node.etcd_ttl_s
+            ).start()
 
     def _loop(self) -> None:
         engine, publisher = self._engine, self.publisher
@@ -112,7 +137,11 @@ class WorkerEvents:
             self._stop.wait(poll_s)
 
     def close(self) -> None:
-        """Publish what is left, send "leave", close the sockets. Safe to call twice."""
+        """Leave etcd, publish what is left, send "leave", close the sockets. Safe to call twice."""
+        registration, self.registration = self.registration, None
+        if registration is not None:
+            registration.close()
+            registration.client.close()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

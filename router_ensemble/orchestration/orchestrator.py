@@ -33,7 +33,7 @@ from router_ensemble.orchestration.disagg import Disaggregator, Route
 from router_ensemble.orchestration.ports import WorkerClient, WorkerSelector
 from router_ensemble.text.stop_strings import StopStringMatcher
 from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
-from trident.core.errors import EngineError, TridentError, ValidationError
+from trident.core.errors import EngineError, TridentError, ValidationError, WorkerUnreachable
 from trident.core.router_io import RouterDelta, RouterRequest
 from trident.core.types import FINISH_ABORT, FINISH_STOP, GenerateRequest, TokenChunk
 
@@ -142,8 +142,8 @@ class Orchestrator:
                 generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
                 reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
                 break
-            except TridentError:
-                if not self._may_retry(route, state, exclude):
+            except TridentError as exc:
+                if not self._may_retry(route, state, exclude, exc):
                     raise
                 logger.info("request_id=%s: worker %s went away before answering; choosing another", request_id, route.label)
                 exclude += (route.decode,)
@@ -177,16 +177,17 @@ class Orchestrator:
         )
         return route, _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
 
-    def _may_retry(self, route: Route, state: _Stream, exclude: tuple[str, ...]) -> bool:
+    def _may_retry(self, route: Route, state: _Stream, exclude: tuple[str, ...], exc: TridentError) -> bool:
         """A failed decode worker may be replaced while the client has seen nothing: the
-        call failed before any token and the pool no longer finds the worker ready (it was
-        unloaded between selection and the call, e.g. by the planner). At most
-        `MAX_WORKER_RETRIES` times per request."""
+        call failed before any token and either never reached the worker (its node is down:
+        `WorkerUnreachable`) or the pool no longer finds the worker ready (it was unloaded
+        between selection and the call, e.g. by the planner). At most `MAX_WORKER_RETRIES`
+        times per request."""
         return (
             state.total == 0
             and len(exclude) < MAX_WORKER_RETRIES
             and route.decode not in exclude
-            and self.selector.is_gone(route.decode)
+            and (isinstance(exc, WorkerUnreachable) or self.selector.is_gone(route.decode))
         )
 
     def _stream_chunks(

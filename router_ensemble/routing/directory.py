@@ -39,8 +39,9 @@ class WorkerDirectory:
         max_gap: int = 4,
         clock: Callable[[], float] = time.monotonic,
         draining: Callable[[], Collection[str]] | None = None,
+        remote: Callable[[], Sequence[str]] | None = None,
     ) -> None:
-        if probe is None and not fixed:
+        if probe is None and not fixed and remote is None:
             raise ValueError("WorkerDirectory needs a probe or a fixed list of workers")
         self.pool = pool
         self.probe = probe
@@ -49,6 +50,7 @@ class WorkerDirectory:
         self.max_gap = max_gap
         self.clock = clock
         self.draining = draining
+        self.remote = remote  # workers of this pool on other nodes (router_ensemble.triton.remote)
         self._workers: tuple[str, ...] = self.fixed
         self._checked = float("-inf")
         self._lock = threading.Lock()
@@ -59,8 +61,15 @@ class WorkerDirectory:
         return [w for w in ready if w not in draining] if draining else list(ready)
 
     def workers(self) -> tuple[str, ...]:
-        """Ready workers, in name order (`decode`, `decode_1`, ...); may be empty. Draining
-        ones are included: they are still serving the requests they hold."""
+        """Ready workers, in name order (`decode`, `decode_1`, ...), then this pool's workers
+        on other nodes (`<node>/<model>`); may be empty. Draining ones are included: they are
+        still serving the requests they hold."""
+        local = self._local()
+        if self.remote is None:
+            return local
+        return local + tuple(w for w in self.remote() if w not in local)
+
+    def _local(self) -> tuple[str, ...]:
         if self.fixed or self.probe is None:
             return self.fixed
         with self._lock:
@@ -81,7 +90,7 @@ class WorkerDirectory:
         with self._lock:
             due = self.clock() - self._checked >= self.refresh_s
         if due:
-            self.workers()
+            self._local()
 
     def is_gone(self, worker: str) -> bool:
         """After a failed call: re-scan now; True when `worker` is no longer ready."""

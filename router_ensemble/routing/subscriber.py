@@ -39,6 +39,7 @@ from kv_manager import wire
 from router_ensemble.routing.router import KvRouter
 from router_ensemble.routing.sync import Actions, StreamSync
 from router_ensemble.routing.translate import HASH_SCHEMES, HashTranslator
+from trident.core.cluster_secret import CurveKeys
 from trident.core.errors import ConfigError, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WorkerEndpoint:
     resync: str = "auto"
     hashes: str = "native"  # "tokens": the engine hashes its own way (vLLM, SGLang); see translate
     reports_load: bool = False  # True: it heartbeats load reports (Trident workers); see _check_timers
+    curve: CurveKeys | None = None  # a worker on another node: its stream and resync over CURVE
 
     def validate(self) -> WorkerEndpoint:
         if not self.worker_id:
@@ -273,7 +275,7 @@ class KvEventSubscriber:
             if old.spec == spec:
                 return
             self._remove(spec.worker_id)
-        sub = self._open_sub(spec.endpoint)
+        sub = self._open_sub(spec.endpoint, spec.curve)
         conn = _Conn(spec, sub, self.router.block_size)
         if spec.reports_load:  # it heartbeats from the moment it is ready: time its first word
             conn.waiting_since = self._clock()
@@ -390,7 +392,7 @@ class KvEventSubscriber:
             conn.live = True
             conn.waiting_since = None
             self.router.add_worker(wid)
-        if not conn.warned and reported_id and reported_id != wid:
+        if not conn.warned and reported_id and reported_id not in (wid, wid.rpartition("/")[2]):
             conn.warned = True
             logger.warning(
                 "kv subscriber: endpoint of worker=%s reports worker_id=%s", wid, reported_id
@@ -435,6 +437,8 @@ class KvEventSubscriber:
         self._close_dealer(conn)
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        if conn.spec.curve is not None:
+            conn.spec.curve.connect_as_client(dealer)
         dealer.connect(endpoint)
         conn.dealer = dealer
         self._owner[dealer] = conn
@@ -524,11 +528,13 @@ class KvEventSubscriber:
 
     # ------------------------------------------------------------ sockets and status
 
-    def _open_sub(self, endpoint: str) -> zmq.Socket:
+    def _open_sub(self, endpoint: str, curve: CurveKeys | None = None) -> zmq.Socket:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if curve is not None:
+            curve.connect_as_client(sub)
         sub.connect(endpoint)
         return sub
 

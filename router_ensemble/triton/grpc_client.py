@@ -5,7 +5,9 @@ Each `generate` takes one stream of its node's pool (a `tritonclient.grpc` clien
 stream started; a stream carries one request at a time, because Triton's stream errors do
 not name the request they belong to) and gives it back when the request has ended. The
 worker's responses arrive in order; an error response raises `EngineError` with the
-worker's message, a node that cannot be reached `WorkerUnavailable`. Closing the stream
+worker's message, a node that cannot be reached `WorkerUnreachable` (the request never got
+there: the orchestration may send it to another worker), a node lost mid-request
+`WorkerUnavailable`. Closing the stream
 before the finished chunk sends the worker an abort (`abort_request_id`, on a stream of its
 own) and reads the request's stream to its final response, so the worker has freed the
 request's blocks when `generate` returns; a stream that saw a transport error is closed,
@@ -27,13 +29,13 @@ import numpy as np
 
 from router_ensemble.orchestration.ports import ChunkStream
 from trident.core.contract import WORKER_INPUTS, WORKER_OUTPUTS
-from trident.core.errors import EngineError, WorkerUnavailable
+from trident.core.errors import EngineError, WorkerUnavailable, WorkerUnreachable
 from trident.core.types import GenerateRequest
 from trident.core.worker_io import decode_chunk_outputs, encode_abort_inputs, encode_generate_inputs
 
 logger = logging.getLogger(__name__)
 
-_UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "failed to connect")
+_UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
 class _Stream:
@@ -48,8 +50,9 @@ class _Stream:
     def close(self) -> None:
         try:
             self.client.stop_stream(cancel_requests=True)
-        finally:
             self.client.close()
+        except Exception as exc:  # a stream of a node that died: nothing left to close
+            logger.debug("closing a gRPC worker stream: %s", exc)
 
 
 class GrpcWorkerClient:
@@ -102,11 +105,11 @@ class GrpcWorkerClient:
 
     def generate(self, worker: str, request: GenerateRequest) -> ChunkStream:
         url, model = self.where(worker)
-        stream = self._take(worker, url)
+        stream = self._open(worker, url, model, encode_generate_inputs(request), request.request_id,
+                            WORKER_OUTPUTS.names)
         done = False  # the request's final response was read: the stream is free again
         finished = False  # the finished chunk (or an error) was seen
         try:
-            self._send(stream, model, encode_generate_inputs(request), request.request_id, WORKER_OUTPUTS.names)
             while not done:
                 result = self._next(stream, worker)
                 response = result.get_response()
@@ -130,9 +133,8 @@ class GrpcWorkerClient:
         """Ask `worker` to abort `request_id` (no-op if it already finished)."""
         try:
             url, model = self.where(worker)
-            stream = self._take(worker, url)
+            stream = self._open(worker, url, model, encode_abort_inputs(request_id), f"abort-{request_id}", ())
             try:
-                self._send(stream, model, encode_abort_inputs(request_id), f"abort-{request_id}", ())
                 while True:
                     response = self._next(stream, worker)
                     if response.get_response().parameters["triton_final_response"].bool_param:
@@ -152,17 +154,30 @@ class GrpcWorkerClient:
 
     # ------------------------------------------------------------ internals
 
-    def _take(self, worker: str, url: str) -> _Stream:
+    def _open(self, worker: str, url: str, model: str, arrays: dict[str, np.ndarray], request_id: str,
+              outputs: tuple[str, ...]) -> _Stream:
+        """A stream with the request sent on it. An idle stream may have died with its
+        connection (the node restarted): then once more on a fresh one."""
+        stream = self._take(url)
+        for fresh in (stream is None, True):
+            try:
+                stream = stream or _Stream(url, self._grpc)
+                self._send(stream, model, arrays, request_id, outputs)
+                return stream
+            except Exception as exc:
+                if stream is not None:
+                    stream.close()
+                stream = None
+                if fresh:
+                    raise WorkerUnreachable(f"worker {worker}: cannot reach {url}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _take(self, url: str) -> _Stream | None:
         with self._lock:
             if self._closed:
                 raise WorkerUnavailable("the router's gRPC worker client is closed")
             idle = self._idle.get(url)
-            if idle:
-                return idle.pop()
-        try:
-            return _Stream(url, self._grpc)
-        except Exception as exc:
-            raise WorkerUnavailable(f"worker {worker}: cannot reach {url}: {exc}") from exc
+            return idle.pop() if idle else None
 
     def _give_back(self, url: str, stream: _Stream) -> None:
         with self._lock:
@@ -193,6 +208,9 @@ class GrpcWorkerClient:
             raise WorkerUnavailable(f"worker {worker}: no response in {self.timeout_s:.0f} s") from None
         if isinstance(item, Exception):
             message = str(item)
+            if "failed to connect" in message.lower():  # no connection: the request never got there
+                stream.broken = True
+                raise WorkerUnreachable(f"worker {worker}: {message}")
             if any(mark in message for mark in _UNREACHABLE):
                 stream.broken = True
                 raise WorkerUnavailable(f"worker {worker}: {message}")

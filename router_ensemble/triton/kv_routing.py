@@ -44,6 +44,7 @@ from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.routing.router import Decision, KvRouter, KvSelector
 from router_ensemble.routing.subscriber import KvEventSubscriber, WorkerEndpoint
+from router_ensemble.triton.remote import RemoteWorkers, is_remote
 from router_ensemble.triton.watched_client import WatchedWorkerClient
 from trident.core.endpoints import SUFFIX, events_endpoint
 from trident.core.names import parse_replica
@@ -62,8 +63,10 @@ class PoolRouting:
         socket_dir: Path,
         *,
         on_decision: Callable[[Decision], None] | None = None,
+        remote: RemoteWorkers | None = None,
     ) -> None:
         self.pool = directory.pool
+        self.remote = remote
         self.directory = directory
         self.config = config
         self.socket_dir = socket_dir
@@ -87,7 +90,11 @@ class PoolRouting:
             )
         return self
 
-    def endpoint(self, worker: str) -> WorkerEndpoint:
+    def endpoint(self, worker: str) -> WorkerEndpoint | None:
+        """Where `worker` publishes: its ipc socket here, or (`<node>/<model>`) the TCP
+        endpoint its node registered; None for a remote worker no longer registered."""
+        if self.remote is not None and is_remote(worker):
+            return self.remote.endpoint(worker)
         return WorkerEndpoint(worker, events_endpoint(worker, self.socket_dir), reports_load=True)
 
     def discover(self) -> list[WorkerEndpoint]:
@@ -101,7 +108,7 @@ class PoolRouting:
         for name in names:
             stem = name[: -len(SUFFIX)]
             if name.endswith(SUFFIX) and (parse_replica(stem) or ("", 0))[0] == self.pool:
-                found.append(self.endpoint(stem))
+                found.append(WorkerEndpoint(stem, events_endpoint(stem, self.socket_dir), reports_load=True))
         return found
 
     def sync_workers(self, ready: tuple[str, ...]) -> None:
@@ -110,9 +117,12 @@ class PoolRouting:
         if ready == self._subscribed:  # every decision passes here: nothing changed, no lock
             return
         with self._sync_lock:
-            new = [w for w in ready if w not in self._subscribed]
-            for worker in new:
-                self.subscriber.add_worker(self.endpoint(worker))
+            new = []
+            for worker in ready:
+                spec = None if worker in self._subscribed else self.endpoint(worker)
+                if spec is not None:
+                    self.subscriber.add_worker(spec)
+                    new.append(worker)
             for worker in self._subscribed:
                 if worker not in ready:
                     logger.info("kv routing: worker=%s is no longer ready; dropping it", worker)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +27,14 @@ from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
 from router_ensemble.text.tokenizer import load_tokenizer
 from router_ensemble.triton.bls_client import BlsWorkerClient, release_retired
+from router_ensemble.triton.grpc_client import GrpcWorkerClient
 from router_ensemble.triton.kv_routing import PoolRouting
 from router_ensemble.triton.metrics_exporter import RoutingMetricsExporter
+from router_ensemble.triton.remote import NodeRoutedClient, RemoteWorkers
 from trident.core.draining import DrainMarkers
 from trident.core.endpoints import events_dir
 from trident.core.errors import ConfigError, TridentError
+from trident.core.node import NodeConfig
 from trident.core.router_io import (
     ROUTER_INPUTS,
     RouterDelta,
@@ -80,6 +83,7 @@ class RouterSettings:
     model: RouterModelConfig
     routing: RoutingConfig
     disagg: DisaggConfig
+    node: NodeConfig
 
     @classmethod
     def from_params(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> RouterSettings:
@@ -87,6 +91,7 @@ class RouterSettings:
             load_settings(RouterModelConfig, params, env, env_key=_env_key),
             RoutingConfig.from_mapping(params, env),
             DisaggConfig.from_mapping(params, env),
+            NodeConfig.from_mapping(params, env),
         )
 
 
@@ -98,19 +103,32 @@ class RouterModel:
         self.name = name
         self.settings = settings = RouterSettings.from_params(params)
         bls = BlsWorkerClient(pb)
+        client: Any = bls
         socket_dir = events_dir(params)
         draining = DrainMarkers(socket_dir)  # the planner marks workers it is about to remove
+        # workers on other nodes: registered in etcd, or a static list
+        self.remote = RemoteWorkers(settings.node) if settings.node.remote else None
+        self.grpc: GrpcWorkerClient | None = None
+        if self.remote is not None:
+            self.grpc = GrpcWorkerClient(resolve=self.remote.where)
+            client = NodeRoutedClient(bls, self.grpc)
+
+        def remote_of(pool: str) -> Callable[[], list[str]] | None:
+            remote = self.remote
+            return None if remote is None else (lambda: remote.pool_workers(pool))
+
         decode_dir = WorkerDirectory(
-            settings.model.decode_pool, probe=bls.is_model_ready, fixed=settings.model.fixed_models, draining=draining
+            settings.model.decode_pool, probe=bls.is_model_ready, fixed=settings.model.fixed_models, draining=draining,
+            remote=remote_of(settings.model.decode_pool),
         )
         fixed_prefill = settings.disagg.fixed_models
         prefill_dir = WorkerDirectory(
             settings.disagg.prefill_pool, probe=None if fixed_prefill else bls.is_model_ready, fixed=fixed_prefill,
-            draining=draining,
+            draining=draining, remote=remote_of(settings.disagg.prefill_pool),
         )
         self.pools = {
-            "decode": PoolRouting(decode_dir, settings.routing, socket_dir),
-            "prefill": PoolRouting(prefill_dir, settings.routing, socket_dir),
+            "decode": PoolRouting(decode_dir, settings.routing, socket_dir, remote=self.remote),
+            "prefill": PoolRouting(prefill_dir, settings.routing, socket_dir, remote=self.remote),
         }
         self.exporter = RoutingMetricsExporter(pb, name, {p: r.router for p, r in self.pools.items()})
         for pool, routing in self.pools.items():
@@ -120,9 +138,9 @@ class RouterModel:
         self.orchestrator = Orchestrator(
             load_tokenizer(settings.model.model),
             decode.selector,
-            decode.watch(bls),
+            decode.watch(client),
             cancel_poll_s=settings.model.cancel_poll_ms / 1000.0,
-            disagg=Disaggregator(settings.disagg, prefill.selector, prefill.watch(bls)),
+            disagg=Disaggregator(settings.disagg, prefill.selector, prefill.watch(client)),
         )
         self.pool = ThreadPoolExecutor(
             max_workers=settings.model.max_concurrency, thread_name_prefix=f"{name}-req"
@@ -184,6 +202,10 @@ class RouterModel:
         for routing in self.pools.values():
             routing.close()
         self.exporter.close()
+        if self.grpc is not None:
+            self.grpc.close()
+        if self.remote is not None:
+            self.remote.close()
         release_retired()
         logger.debug("router %s: finalized", self.name)
 

@@ -43,5 +43,10 @@ class WorkerUnavailable(TridentError):
     """No worker can take the request (none ready, or the chosen one went away)."""
 
 
+class WorkerUnreachable(WorkerUnavailable):
+    """The request never reached the chosen worker (its node could not be reached): another
+    worker may take it."""
+
+
 class ConfigError(TridentError, ValueError):
     """A configuration value (config.pbtxt parameter, CLI flag, env var) is invalid."""

@@ -16,9 +16,10 @@ from kv_peer import LAYOUT_ARGS, block_bytes, prefill_main
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVImporterImpl, decode_descriptor, encode_descriptor
 from kv_manager.transfer.handle import decode_handle
-from kv_manager.transfer.nixl import NixlPool, load_secret
+from kv_manager.transfer.nixl import NixlPool
 from kv_manager.transfer.pool import allocate_pool
 from tests.waiting import wait_until
+from trident.core.cluster_secret import load_secret
 from trident.core.errors import ConfigError, KVTransferError
 
 pytest.importorskip("nixl_cu12", reason="NIXL (nixl-cu12) is installed by make test")
