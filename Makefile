@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
 VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup setup-vllm setup-peers setup-etcd serve test lint bench clean
+.PHONY: setup setup-vllm setup-peers setup-etcd serve cluster test lint bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ setup-etcd:
 
 serve: setup
 	$(PY) -m trident serve $(ARGS)
+
+# Three nodes on this machine (router, decode, prefill) and a local etcd: `trident cluster`.
+cluster: setup setup-etcd
+	$(PY) -m trident cluster $(ARGS)
 
 test: setup setup-vllm setup-etcd
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,14 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from trident.cli_support import start_frontend, start_planner, stop_child, usage, write_secret
+from trident.cli_support import (
+    start_frontend,
+    start_planner,
+    stop_child,
+    usage,
+    worker_usage,
+    write_secret,
+)
 from trident.cluster_demo import cluster_command
 from trident.core.errors import TridentError
 from trident.launcher import Launcher
@@ -77,9 +84,12 @@ def serve_command(config: ServeConfig) -> int:
         if config.admin_key_file:
             key_file = os.path.expanduser(config.admin_key_file)
             write_secret(key_file, launcher.key)
-        frontend = start_frontend(config, endpoints, launcher)
-        planner = start_planner(config, endpoints, launcher)
-        logger.info(usage(endpoints, launcher, frontend))
+        if config.role == "worker":  # no router here: nothing for a frontend or a planner to drive
+            logger.info(worker_usage(endpoints, launcher))
+        else:
+            frontend = start_frontend(config, endpoints, launcher)
+            planner = start_planner(config, endpoints, launcher)
+            logger.info(usage(endpoints, launcher, frontend))
         while not stop.wait(0.5):
             if not launcher.is_running():
                 logger.error("tritonserver exited unexpectedly (log: %s)", launcher.log_path)

@@ -125,3 +125,13 @@ def usage(ep: Endpoints, launcher: Launcher, frontend: FrontendProcess | None = 
             f"  tritonserver log: {launcher.log_path or 'this terminal'}. Press Ctrl-C to stop.",
         ]
     )
+
+
+def worker_usage(ep: Endpoints, launcher: Launcher) -> str:
+    cfg = launcher.config
+    where = f"registered in etcd at {cfg.etcd}" if cfg.etcd else "list them in the routers' --remote-workers"
+    workers = ", ".join(f"{cfg.node_name}/{m}" for m in launcher.decode_models + launcher.prefill_models)
+    return (
+        f"Trident worker node {cfg.node_name} is up: {workers} ({where}); gRPC {ep.grpc_url}, "
+        f"metrics {ep.metrics_url}. Press Ctrl-C to stop."
+    )

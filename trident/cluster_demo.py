@@ -4,9 +4,9 @@ Starts a local etcd, writes a fresh cluster secret (a 0600 file, handed to every
 `TRIDENT_KV_SECRET_FILE`), then one tritonserver per node, each on its own loopback address
 as if it were its own machine:
 
-- `node-b` (127.0.0.2): `--decode` decode workers;
-- `node-c` (127.0.0.3): `--prefill` prefill workers (at least 1), and one decode worker
-  (`trident serve` always loads one);
+- `node-b` (127.0.0.2, `--role worker`): `--decode` decode workers;
+- `node-c` (127.0.0.3, `--role worker`): `--prefill` prefill workers (at least 1), and one
+  decode worker;
 - the router node (127.0.0.1): the router, one local decode worker and the OpenAI frontend,
   finding the other nodes' workers through etcd; prompts with `--disagg-threshold`
   uncached tokens or more (default here 256) are prefilled on node-c.
@@ -43,14 +43,14 @@ def node_configs(base: ServeConfig, etcd: str, run_dir: Path, decode: int, prefi
     """The servers of the demo, by node name (the router node last: it starts last)."""
     common = dict(http_port=0, grpc_port=0, metrics_port=0, etcd=etcd, planner=False, openai_port=-1)
     nodes = {
-        "node-b": dataclasses.replace(base, **common, host="127.0.0.2", node_name="node-b", node_address="127.0.0.2",
+        "node-b": dataclasses.replace(base, **common, role="worker", host="127.0.0.2", node_name="node-b", node_address="127.0.0.2",
                                       decode=decode, prefill=0, server_log=str(run_dir / "node-b.log")),
     }
     if prefill:
-        nodes["node-c"] = dataclasses.replace(base, **common, host="127.0.0.3", node_name="node-c",
+        nodes["node-c"] = dataclasses.replace(base, **common, role="worker", host="127.0.0.3", node_name="node-c",
                                               node_address="127.0.0.3", decode=1, prefill=prefill,
                                               server_log=str(run_dir / "node-c.log"))
-    nodes["router"] = dataclasses.replace(base, etcd=etcd, decode=1, prefill=0, planner=False,
+    nodes["router"] = dataclasses.replace(base, role="both", etcd=etcd, decode=1, prefill=0, planner=False,
                                           disagg_threshold=disagg_threshold,
                                           server_log=base.server_log or str(run_dir / "router.log"))
     return {name: config.validate() for name, config in nodes.items()}

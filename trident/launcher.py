@@ -391,7 +391,8 @@ class Launcher:
         for i, name in enumerate(prefills):  # after the decode workers on the GPUs
             gpu = ((len(names) + i) % gpus) if cuda else None
             jobs[name] = self._load_job(name, gpu=gpu, pool="prefill")
-        jobs["router"] = lambda: self.control.load("router")  # type: ignore[union-attr]
+        if cfg.role != "worker":  # a worker node serves other nodes' routers only
+            jobs["router"] = lambda: self.control.load("router")  # type: ignore[union-attr]
         self.decode_models = names
         self.prefill_models = prefills
         self._run_jobs(jobs)

@@ -24,6 +24,7 @@ ENV_PREFIX = "TRIDENT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
 ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.routing.policies.POLICIES
+ROLES = ("both", "router", "worker")
 ENGINES = ("torch", "vllm")  # plugins.triton.engines.ENGINES
 VLLM_BLOCK_SIZE = 32  # plugins.vllm.config.VllmEngineConfig.block_size
 
@@ -55,6 +56,7 @@ _HELP = {
     "api_key": "Bearer token the OpenAI frontend requires ('' = none)",
     "planner": "also run the planner (`python -m planner`; its settings: TRIDENT_PLANNER_* variables)",
     "admin_key_file": "write the model-repository key to this file (0600) for a planner run separately ('' = do not)",
+    "role": "what this node runs: both (router and workers), router (no local workers), worker (no router, no frontend)",
     "node_name": "this node's name in a multi-node cluster ('' = a single node); its workers are <node>/<model>",
     "node_address": "this node's address: cross-node sockets bind here and other nodes dial it",
     "etcd": "etcd client URL (http://host:2379): workers register there, routers find other nodes' workers",
@@ -92,6 +94,7 @@ class ServeConfig:
     api_key: str = ""
     planner: bool = False
     admin_key_file: str = ""
+    role: str = "both"
     node_name: str = ""
     node_address: str = ""
     etcd: str = ""
@@ -105,8 +108,14 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be in [0, 65535], got {port}")
         if self.engine and self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.decode < 1:
-            raise ConfigError(f"decode must be >= 1, got {self.decode}")
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.decode < (0 if self.role == "router" else 1):
+            raise ConfigError(f"decode must be >= 1 (0 only with role=router), got {self.decode}")
+        if self.role == "router" and not (self.etcd or self.remote_workers) and self.decode == 0:
+            raise ConfigError("role=router without local workers needs --etcd or --remote-workers to find workers")
+        if self.role == "worker" and not self.node_name:
+            raise ConfigError("role=worker: set --node-name and --node-address so that routers on other nodes reach it")
         if self.router_policy and self.router_policy not in ROUTER_POLICIES:
             raise ConfigError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
         if self.prefill < 0:

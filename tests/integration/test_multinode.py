@@ -45,9 +45,9 @@ class Cluster:
         common = dict(http_port=0, grpc_port=0, metrics_port=0, decode=1, kv_cache_mb=64, num_threads=1,
                       dtype="float32", openai_port=-1, etcd=etcd)
         self.etcd = etcd
-        self.b = Launcher(ServeConfig(**common, host=NODE_B, node_name="node-b", node_address=NODE_B,
+        self.b = Launcher(ServeConfig(**common, role="worker", host=NODE_B, node_name="node-b", node_address=NODE_B,
                                       server_log=str(tmp / "node-b.log")))
-        self.c = Launcher(ServeConfig(**common, host=NODE_C, node_name="node-c", node_address=NODE_C, prefill=1,
+        self.c = Launcher(ServeConfig(**common, role="worker", host=NODE_C, node_name="node-c", node_address=NODE_C, prefill=1,
                                       server_log=str(tmp / "node-c.log")))
         self.a = Launcher(ServeConfig(**common, disagg_threshold=DISAGG_TOKENS, server_log=str(tmp / "node-a.log")))
         self.b_endpoints = self.b.start()
