@@ -49,20 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["plan"]:  # the planner parses its own flags (planner.config)
         os.execv(sys.executable, [sys.executable, "-m", "planner", *argv[1:]])  # signals reach it directly
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        try:
-            config = ServeConfig.from_namespace(args, os.environ)
-        except TridentError as exc:
-            parser.error(str(exc))
-        return serve_command(config)
-    if args.command == "cluster":
-        try:
-            config = ServeConfig.from_namespace(args, os.environ)
-        except TridentError as exc:
-            parser.error(str(exc))
-        return cluster_command(config)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    commands = {"serve": serve_command, "cluster": cluster_command}
+    if args.command not in commands:
+        parser.error(f"unknown command {args.command!r}")
+    try:
+        config = ServeConfig.from_namespace(args, os.environ)
+    except TridentError as exc:
+        parser.error(str(exc))
+    return commands[args.command](config)
 
 
 def serve_command(config: ServeConfig) -> int:
