@@ -5,8 +5,7 @@ Starts a local etcd, writes a fresh cluster secret (a 0600 file, handed to every
 as if it were its own machine:
 
 - `node-b` (127.0.0.2, `--role worker`): `--decode` decode workers;
-- `node-c` (127.0.0.3, `--role worker`): `--prefill` prefill workers (at least 1), and one
-  decode worker;
+- `node-c` (127.0.0.3, `--role worker`): `--prefill` prefill workers (at least 1);
 - the router node (127.0.0.1): the router, one local decode worker and the OpenAI frontend,
   finding the other nodes' workers through etcd; prompts with `--disagg-threshold`
   uncached tokens or more (default here 256) are prefilled on node-c.
@@ -48,7 +47,7 @@ def node_configs(base: ServeConfig, etcd: str, run_dir: Path, decode: int, prefi
     }
     if prefill:
         nodes["node-c"] = dataclasses.replace(base, **common, role="worker", host="127.0.0.3", node_name="node-c",
-                                              node_address="127.0.0.3", decode=1, prefill=prefill,
+                                              node_address="127.0.0.3", decode=0, prefill=prefill,
                                               server_log=str(run_dir / "node-c.log"))
     nodes["router"] = dataclasses.replace(base, role="both", etcd=etcd, decode=1, prefill=0, planner=False,
                                           disagg_threshold=disagg_threshold,

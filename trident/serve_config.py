@@ -110,8 +110,11 @@ class ServeConfig:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.decode < (0 if self.role == "router" else 1):
-            raise ConfigError(f"decode must be >= 1 (0 only with role=router), got {self.decode}")
+        # a router-only node, or a worker node of prefill workers, may have no decode worker
+        if self.decode < (0 if self.role == "router" or (self.role == "worker" and self.prefill) else 1):
+            raise ConfigError(
+                f"decode must be >= 1 (0 only with role=router, or role=worker with prefill workers), got {self.decode}"
+            )
         if self.role == "router" and not (self.etcd or self.remote_workers) and self.decode == 0:
             raise ConfigError("role=router without local workers needs --etcd or --remote-workers to find workers")
         if self.role == "worker" and not self.node_name:

@@ -7,12 +7,23 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.docker.deployment_files import COMPOSE, Manifest, known_env_names, load_manifests
+from tests.docker.deployment_files import (
+    COMPOSE,
+    K8S_CLUSTER,
+    Manifest,
+    known_env_names,
+    load_manifests,
+)
 
 
 @pytest.fixture(scope="session")
 def manifests() -> list[Manifest]:
     return load_manifests()
+
+
+@pytest.fixture(scope="session")
+def cluster_manifests() -> list[Manifest]:
+    return load_manifests(K8S_CLUSTER)
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
+K8S_CLUSTER = K8S / "cluster"  # the multi-node deployment, a kustomization of its own
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 
+# The oldest minor still common on managed clusters, and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.33.0", "1.37.0")
+
 # Variables the deployment sets that are not Trident's, with why.
 EXTERNAL_ENV = {
     "PATH": "the image's venv first: the Python-backend stub finds its packages through it",
+    "POD_IP": "the downward API's status.podIP, expanded into TRIDENT_NODE_ADDRESS and TRIDENT_HOST",
+    "POD_NAME": "the downward API's metadata.name, expanded into etcd's arguments",
+    "POD_NAMESPACE": "the downward API's metadata.namespace, expanded into etcd's arguments",
 }
 
 
@@ -42,10 +49,11 @@ class Manifest:
         return self.doc["metadata"]["name"]
 
 
-def load_manifests() -> list[Manifest]:
-    """Every Kubernetes object under docker/k8s (kustomization.yaml is kustomize's, not the API's)."""
+def load_manifests(directory: Path = K8S) -> list[Manifest]:
+    """Every Kubernetes object in `directory` (docker/k8s, or docker/k8s/cluster), not below it
+    (kustomization.yaml is kustomize's, not the API's)."""
     found = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         found += [Manifest(path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
@@ -113,7 +121,9 @@ def known_env_names() -> dict[str, str]:
     from router_ensemble.orchestration.disagg import DisaggConfig
     from router_ensemble.routing.config import ENV_PREFIX as ROUTER_PREFIX
     from router_ensemble.routing.config import RoutingConfig
+    from trident.core.cluster_secret import SECRET_ENV, SECRET_FILE_ENV
     from trident.core.endpoints import EVENTS_DIR_ENV
+    from trident.core.node import NodeConfig
     from trident.serve_config import ENV_PREFIX as SERVE_PREFIX
     from trident.serve_config import ServeConfig
 
@@ -121,6 +131,7 @@ def known_env_names() -> dict[str, str]:
     for cls, prefix in (
         (ServeConfig, SERVE_PREFIX),
         (TorchEngineConfig, SERVE_PREFIX),
+        (NodeConfig, SERVE_PREFIX),  # trident.core.node reads TRIDENT_<KEY> (load_settings)
         (RoutingConfig, ROUTER_PREFIX),
         (DisaggConfig, ROUTER_PREFIX),
         (PlannerConfig, PLANNER_PREFIX),
@@ -130,6 +141,8 @@ def known_env_names() -> dict[str, str]:
             known.setdefault(prefix + f.name.upper(), f"{cls.__module__}.{cls.__name__}.{f.name}")
     known[EVENTS_DIR_ENV] = "trident.core.endpoints.EVENTS_DIR_ENV"
     known[ADMIN_KEY_ENV] = "planner.config.ADMIN_KEY_ENV"
+    known[SECRET_FILE_ENV] = "trident.core.cluster_secret.SECRET_FILE_ENV"
+    known[SECRET_ENV] = "trident.core.cluster_secret.SECRET_ENV"
     for name in re.findall(r"\$\{?(TRIDENT_[A-Z0-9_]+)", ENTRYPOINT.read_text()):
         known.setdefault(name, "docker/entrypoint.sh")
     return known

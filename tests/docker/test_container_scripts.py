@@ -162,3 +162,69 @@ def test_a_bad_setting_is_not_ready(
     monkeypatch.setenv("TRIDENT_HTTP_PORT", "eighty")
     assert healthcheck.main() == 1
     assert "http_port" in capsys.readouterr().err
+
+
+# A worker node of the cluster (docker/k8s/cluster: decode.yaml, prefill.yaml) runs no router and
+# no frontend: its readiness is its own workers. Its host is the pod IP, not a wildcard.
+WORKER_NODE = {
+    "TRIDENT_ROLE": "worker",
+    "TRIDENT_NODE_NAME": "trident-prefill-0",
+    "TRIDENT_NODE_ADDRESS": "127.0.0.1",
+    "TRIDENT_HOST": "127.0.0.1",
+    "TRIDENT_ETCD": "http://127.0.0.1:9",  # read by the workers, never by the check
+    "TRIDENT_DECODE": "1",
+    "TRIDENT_PREFILL": "1",
+}
+WORKER_CHECKS = ["/v2/health/ready", "/v2/models/decode/ready", "/v2/models/prefill/ready"]
+
+
+def test_a_worker_node_is_ready_with_its_workers_without_router_or_frontend(
+    endpoints: Endpoints, healthcheck: ModuleType, monkeypatch
+) -> None:
+    for name, value in WORKER_NODE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TRIDENT_OPENAI_PORT", "0")  # no frontend here: its port does not matter
+    endpoints.status["/v2/models/router/ready"] = 400  # not loaded on a worker node
+    endpoints.status["/health/ready"] = 503
+    assert healthcheck.main() == 0
+    assert endpoints.seen == WORKER_CHECKS
+
+
+def test_a_worker_node_checks_every_replica_it_loads(
+    endpoints: Endpoints, healthcheck: ModuleType, monkeypatch
+) -> None:
+    for name, value in {**WORKER_NODE, "TRIDENT_DECODE": "2", "TRIDENT_PREFILL": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert healthcheck.main() == 0
+    assert endpoints.seen == [
+        "/v2/health/ready",
+        "/v2/models/decode/ready",
+        "/v2/models/decode_1/ready",
+    ]
+
+
+@pytest.mark.parametrize("path", WORKER_CHECKS)
+def test_a_worker_node_is_not_ready_until_each_check_passes(
+    endpoints: Endpoints, healthcheck: ModuleType, monkeypatch, path: str, capsys
+) -> None:
+    for name, value in WORKER_NODE.items():
+        monkeypatch.setenv(name, value)
+    endpoints.status[path] = 503 if path == "/v2/health/ready" else 400
+    assert healthcheck.main() == 1
+    assert path in capsys.readouterr().err
+
+
+def test_a_router_only_node_needs_the_router_and_a_live_frontend(
+    endpoints: Endpoints, healthcheck: ModuleType, monkeypatch, capsys
+) -> None:
+    """With every worker on other nodes the frontend's /health/ready (this server's workers)
+    never passes, so its /health/live is what is checked (docker/k8s/cluster/router.yaml)."""
+    monkeypatch.setenv("TRIDENT_ROLE", "router")
+    monkeypatch.setenv("TRIDENT_DECODE", "0")
+    monkeypatch.setenv("TRIDENT_ETCD", "http://127.0.0.1:9")
+    endpoints.status["/health/ready"] = 503
+    assert healthcheck.main() == 0
+    assert endpoints.seen == ["/v2/health/ready", "/v2/models/router/ready", "/health/live"]
+    endpoints.status["/health/live"] = 503
+    assert healthcheck.main() == 1
+    assert "/health/live" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from tests.docker.deployment_files import (
     DOCKER,
     DOCKERFILE,
     K8S,
+    K8S_VERSIONS,
     ROOT,
     Manifest,
     dockerfile_env,
@@ -35,8 +36,6 @@ from tests.docker.deployment_files import (
 )
 from trident.serve_config import ServeConfig
 
-# The oldest minor still common on managed clusters, and the newest kubernetes-validate knows.
-K8S_VERSIONS = ("1.33.0", "1.37.0")
 # Rules the Dockerfile may switch off inline, each with the reason (also written above the pragma).
 ALLOWED_IGNORES = {
     "DL3008": "apt version pins: the base tag fixes the Ubuntu release and its archive drops "

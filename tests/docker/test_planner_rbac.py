@@ -1,7 +1,8 @@
-"""The planner's Role (docker/k8s/planner.yaml) against the requests its Kubernetes connector makes.
+"""The planner's Roles against the requests its Kubernetes connector makes: docker/k8s/planner.yaml
+(the single-node server Deployment) and docker/k8s/cluster/planner.yaml (the decode StatefulSet).
 
-A local HTTP server plays the API server for the server Deployment of docker/k8s/server.yaml
-(its selector, its pod labels) and records every request; the connector, through the official
+A local HTTP server plays the API server for the workload the planner scales (the manifest's
+own object: its selector, its pod labels) and records every request; the connector, through the official
 client, reads the pool and scales it up and back down. Each request is turned into the RBAC
 attributes the API server would authorize (verb, API group, resource/subresource, name) and
 must be allowed by the Role, and every permission the Role grants must have been used: a
@@ -23,7 +24,7 @@ import pytest
 from kubernetes.client import ApiClient, Configuration
 
 from planner.connectors.kubernetes import KubernetesConnector, parse_workloads
-from tests.docker.deployment_files import Manifest, find
+from tests.docker.deployment_files import K8S, K8S_CLUSTER, Manifest, find, load_manifests
 
 VERBS = {
     ("GET", True): "get",
@@ -68,12 +69,14 @@ def allowed(rule: dict[str, Any], a: Attributes) -> bool:
 
 
 class FakeApiServer:
-    """The Deployment, its scale subresource and its pods; a PATCH converges at once."""
+    """The workload (a Deployment or a StatefulSet), its scale subresource and its pods; a
+    PATCH converges at once."""
 
-    def __init__(self, deployment: dict[str, Any]) -> None:
-        self.deployment = copy.deepcopy(deployment)
-        self.deployment["metadata"]["generation"] = 1
-        for container in self.deployment["spec"]["template"]["spec"]["containers"]:
+    def __init__(self, workload: dict[str, Any]) -> None:
+        self.workload = copy.deepcopy(workload)
+        self.plural = {"Deployment": "deployments", "StatefulSet": "statefulsets"}[workload["kind"]]
+        self.workload["metadata"]["generation"] = 1
+        for container in self.workload["spec"]["template"]["spec"]["containers"]:
             for quantities in container.get("resources", {}).values():  # served as strings
                 quantities.update({k: str(v) for k, v in quantities.items()})
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
@@ -83,20 +86,20 @@ class FakeApiServer:
 
     @property
     def replicas(self) -> int:
-        return self.deployment["spec"]["replicas"]
+        return self.workload["spec"]["replicas"]
 
     def answer(
         self, method: str, path: str, query: dict[str, list[str]], body: Any
     ) -> tuple[int, dict]:
         with self.lock:
             self.requests.append((method, path, query))
-            meta = self.deployment["metadata"]
+            meta = self.workload["metadata"]
             if path.endswith("/pods"):
                 return 200, self._pods(query.get("labelSelector", [""])[0])
-            if not path.endswith(f"/deployments/{meta['name']}") and not path.endswith("/scale"):
+            if not path.endswith(f"/{self.plural}/{meta['name']}") and not path.endswith("/scale"):
                 return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}
             if method == "PATCH":
-                self.deployment["spec"]["replicas"] = body["spec"]["replicas"]
+                self.workload["spec"]["replicas"] = body["spec"]["replicas"]
                 meta["generation"] += 1
             n = self.replicas
             status = {"replicas": n, "readyReplicas": n, "observedGeneration": meta["generation"]}
@@ -109,20 +112,22 @@ class FakeApiServer:
                     "spec": {"replicas": n},
                     "status": {"replicas": n},
                 }
-            return 200, {**self.deployment, "status": status}
+            return 200, {**self.workload, "status": status}
+
+    def pod_name(self, i: int) -> str:
+        """A StatefulSet's pods are <name>-<ordinal>; a Deployment's get a random suffix."""
+        name = self.workload["metadata"]["name"]
+        return f"{name}-{i}" if self.plural == "statefulsets" else f"{name}-p{i}"
 
     def _pods(self, selector: str) -> dict:
-        labels = self.deployment["spec"]["template"]["metadata"]["labels"]
+        labels = self.workload["spec"]["template"]["metadata"]["labels"]
+        namespace = self.workload["metadata"]["namespace"]
         wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
         assert wanted and wanted.items() <= labels.items(), f"selector {selector!r} misses the pods"
         ready = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
         items = [
             {
-                "metadata": {
-                    "name": f"trident-server-p{i}",
-                    "namespace": "trident",
-                    "labels": labels,
-                },
+                "metadata": {"name": self.pod_name(i), "namespace": namespace, "labels": labels},
                 "status": ready,
             }
             for i in range(self.replicas)
@@ -152,20 +157,33 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+@pytest.fixture(scope="module", params=["single-node", "cluster"])
+def manifests(request: pytest.FixtureRequest) -> list[Manifest]:
+    """The deployment whose planner is checked (shadows conftest's single-node `manifests`)."""
+    return load_manifests(K8S if request.param == "single-node" else K8S_CLUSTER)
+
+
+def _namespace(manifests: list[Manifest]) -> str:
+    return find(manifests, "Role", "trident-planner")[0].doc["metadata"]["namespace"]
+
+
 @pytest.fixture
 def connector_requests(manifests: list[Manifest]) -> Iterator[list[Attributes]]:
     """The connector's requests while it reads the pool and scales it 1 -> 2 -> 1."""
     config = find(manifests, "ConfigMap", "trident-planner-config")[0].doc["data"]
     pools = parse_workloads(config["TRIDENT_PLANNER_K8S_WORKLOADS"])
     (ref,) = pools.values()
-    api = FakeApiServer(find(manifests, ref.kind, ref.name)[0].doc)
+    workload = find(manifests, ref.kind, ref.name)[0].doc
+    assert workload["spec"]["replicas"] == 1, "the scale below starts from one replica"
+    api = FakeApiServer(workload)
     thread = threading.Thread(target=api.server.serve_forever, daemon=True)
     thread.start()
     client = ApiClient(Configuration(host=api.url))
-    connector = KubernetesConnector(pools, "trident", api=client, timeout_s=10, poll_s=0.01)
+    namespace = _namespace(manifests)
+    connector = KubernetesConnector(pools, namespace, api=client, timeout_s=10, poll_s=0.01)
     try:
         (pool,) = pools
-        assert connector.replicas()[pool] == ("trident-server-p0",)
+        assert connector.replicas()[pool] == (api.pod_name(0),)
         connector.scale(pool, 2)
         assert len(connector.replicas()[pool]) == 2
         connector.scale(pool, 1)
@@ -199,10 +217,14 @@ def test_the_role_grants_nothing_the_connector_does_not_use(manifests, connector
 
 def test_a_request_outside_the_role_is_refused(manifests) -> None:
     role = find(manifests, "Role", "trident-planner")[0].doc
+    ns = _namespace(manifests)
     for method, path in (
-        ("DELETE", "/api/v1/namespaces/trident/pods/trident-server-p0"),
-        ("PATCH", "/apis/apps/v1/namespaces/trident/deployments/trident-planner/scale"),
-        ("GET", "/api/v1/namespaces/trident/secrets/trident-api-key"),
+        ("DELETE", f"/api/v1/namespaces/{ns}/pods/trident-server-p0"),
+        ("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/trident-planner/scale"),
+        ("PATCH", f"/apis/apps/v1/namespaces/{ns}/statefulsets/trident-prefill/scale"),
+        ("PATCH", f"/apis/apps/v1/namespaces/{ns}/statefulsets/trident-etcd/scale"),
+        ("GET", f"/api/v1/namespaces/{ns}/secrets/trident-api-key"),
+        ("GET", f"/api/v1/namespaces/{ns}/secrets/trident-cluster-secret"),
     ):
         a = attributes(method, path)
         assert not any(allowed(rule, a) for rule in role["rules"]), a

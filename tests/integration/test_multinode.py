@@ -1,14 +1,14 @@
 """Three tritonservers on this machine as three nodes, found through a real etcd: node A runs
 the router and a local decode worker; node B (its own address, 127.0.0.2) a decode worker;
-node C (127.0.0.3) a prefill and a decode worker. B's and C's workers register in etcd and
+node C (127.0.0.3) a prefill worker only. B's and C's workers register in etcd and
 publish their KV events over TCP with CURVE; A's router reaches them over Triton gRPC
 streaming, and C's prefill worker hands its KV to a decode worker of another node through
 NIXL.
 
 - a shared prefix held by B's worker is routed back to it, and its answer equals A's local
   worker's on the same prompt, token for token;
-- a long prompt is prefilled on C and decoded on another node, with the same tokens as
-  A's worker computing it alone;
+- a long prompt is prefilled on C and decoded on another node (its KV read through NIXL),
+  with the same tokens as A's worker computing it alone;
 - killing B's tritonserver mid-stream ends that request with a clear error, new requests go
   to A's worker, and B drops out of etcd when its lease expires."""
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -42,12 +44,12 @@ pytestmark = pytest.mark.timeout(900)
 
 class Cluster:
     def __init__(self, tmp: Path, etcd: str) -> None:
-        common = dict(http_port=0, grpc_port=0, metrics_port=0, decode=1, kv_cache_mb=64, num_threads=1,
+        common = dict(http_port=0, grpc_port=0, metrics_port=0, kv_cache_mb=64, num_threads=1,
                       dtype="float32", openai_port=-1, etcd=etcd)
         self.etcd = etcd
         self.b = Launcher(ServeConfig(**common, role="worker", host=NODE_B, node_name="node-b", node_address=NODE_B,
                                       server_log=str(tmp / "node-b.log")))
-        self.c = Launcher(ServeConfig(**common, role="worker", host=NODE_C, node_name="node-c", node_address=NODE_C, prefill=1,
+        self.c = Launcher(ServeConfig(**common, role="worker", host=NODE_C, node_name="node-c", node_address=NODE_C, prefill=1, decode=0,
                                       server_log=str(tmp / "node-c.log")))
         self.a = Launcher(ServeConfig(**common, disagg_threshold=DISAGG_TOKENS, server_log=str(tmp / "node-a.log")))
         self.b_endpoints = self.b.start()
@@ -123,7 +125,7 @@ def test_a_long_prompt_is_prefilled_on_another_node_with_the_same_answer(cluster
     assert wait_for(lambda: "node-c/prefill" in cluster.registered(), timeout=20), cluster.registered()
     prompt = _history(4, blocks=10)
     tokens, last = _routed(cluster, prompt, n=8)
-    assert last["worker"].startswith("node-c/prefill>"), last
+    assert last["worker"] in ("node-c/prefill>decode", f"node-c/prefill>{REMOTE}"), last
     assert tokens == _direct_tokens(cluster.a_endpoints.grpc_url, "decode", prompt, n=8)
 
 
@@ -151,3 +153,13 @@ def test_a_node_killed_mid_stream_ends_its_requests_and_drops_out(cluster: Clust
     tokens, last = _routed(cluster, history + [11, 12])
     assert REMOTE not in last["worker"] and len(tokens) == 6, last
     assert wait_for(lambda: REMOTE not in cluster.registered(), timeout=15)  # its lease expired
+    # and A's router forgot it: the decode pool is A's worker alone (the router flushes its
+    # metrics after each request: each probe is one)
+    assert wait_for(lambda: metric_values_by_pool(cluster.a_endpoints.metrics_url).get("decode") == 1, timeout=15,
+                    interval=0.5, tick=lambda: _routed(cluster, [9] * 20, n=1))
+
+
+def metric_values_by_pool(metrics_url: str) -> dict[str, float]:
+    text = httpx.get(metrics_url, timeout=10).text
+    return {pool: float(v) for pool, v in re.findall(r'^trident_router_live_workers\{[^}]*pool="([^"]+)"[^}]*\} (\S+)$',
+                                                   text, re.M)}

@@ -10,6 +10,7 @@ pools cannot disturb the session server other tests share.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -180,7 +181,9 @@ def test_load_step_adds_a_replica_and_a_step_down_drains_it_without_dropping_a_r
     assert low.results[-1][0] == "decode"
     added = [r for r in loop.records if r.decision.targets["decode"] == 2 and r.replicas["decode"] == 1]
     removed = [r for r in loop.records if r.decision.targets["decode"] == 1 and r.replicas["decode"] == 2]
-    assert added and removed and "over the ttft target" in added[0].decision.reasons["decode"]
+    assert added and removed
+    # TTFT over its target grew the pool (ITL may have been over too on a busy machine)
+    assert re.search(r"over the (\w+/)*ttft(/\w+)* target", added[0].decision.reasons["decode"])
     # the request running on decode_1 while the planner drained it finished whole, before the unload
     pinned = connector.pinned
     assert pinned.get("tokens") == LONG_TOKENS and "error" not in pinned, pinned
