@@ -154,3 +154,16 @@ def unknown_env(names: set[str], known: dict[str, str]) -> list[str]:
 
 def find(manifests: list[Manifest], kind: str, name: str | None = None) -> list[Manifest]:
     return [m for m in manifests if m.kind == kind and (name is None or m.name == name)]
+
+
+def validate_strictly(manifests: list[Manifest], version: str) -> None:
+    """Fail the test, naming the file and field, unless every manifest validates strictly
+    (unknown fields refused) against Kubernetes `version`'s schemas."""
+    import kubernetes_validate
+    import pytest
+
+    for m in manifests:
+        try:
+            kubernetes_validate.validate(m.doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{m.path.name} {m.kind}/{m.name}: {list(exc.path)}: {exc.message}")

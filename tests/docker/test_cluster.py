@@ -11,7 +11,6 @@ that stopped checking fails too.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 from types import ModuleType
@@ -23,7 +22,6 @@ import pytest
 import yaml
 
 from tests.docker.deployment_files import (
-    DOCKER,
     DOCKERFILE,
     K8S,
     K8S_CLUSTER,
@@ -32,6 +30,7 @@ from tests.docker.deployment_files import (
     dockerfile_env,
     find,
     unknown_env,
+    validate_strictly,
 )
 from trident.core.cluster_secret import SECRET_ENV, SECRET_FILE_ENV
 from trident.core.errors import ConfigError
@@ -156,15 +155,6 @@ def _mounts(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
 
-@pytest.fixture(scope="module")
-def healthcheck() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trident_healthcheck", DOCKER / "healthcheck.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------- schemas, kustomization, labels
 
 
@@ -184,11 +174,7 @@ def test_cluster_manifests_validate_strictly(version: str, cluster_manifests) ->
         "Role",
         "RoleBinding",
     }
-    for m in cluster_manifests:
-        try:
-            kubernetes_validate.validate(m.doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{m.path.name} {m.kind}/{m.name}: {list(exc.path)}: {exc.message}")
+    validate_strictly(cluster_manifests, version)
 
 
 def test_strict_validation_rejects_an_unknown_statefulset_field(cluster_manifests) -> None:

@@ -4,7 +4,6 @@ server standing in for Triton and the OpenAI frontend)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.docker.deployment_files import DOCKER, ENTRYPOINT
+from tests.docker.deployment_files import ENTRYPOINT
 
 SH = shutil.which("sh") or "/bin/sh"
 
@@ -112,15 +111,6 @@ def endpoints(monkeypatch: pytest.MonkeyPatch) -> Iterator[Endpoints]:
     finally:
         ep.server.shutdown()
         ep.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def healthcheck() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trident_healthcheck", DOCKER / "healthcheck.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ready_when_triton_the_router_and_the_frontend_are(

@@ -33,6 +33,7 @@ from tests.docker.deployment_files import (
     interpolate,
     load_manifests,
     unknown_env,
+    validate_strictly,
 )
 from trident.serve_config import ServeConfig
 
@@ -175,11 +176,7 @@ def test_manifests_validate_strictly(version: str, manifests: list[Manifest]) ->
         "Role",
         "RoleBinding",
     }
-    for m in manifests:
-        try:
-            kubernetes_validate.validate(m.doc, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{m.path.name} {m.kind}/{m.name}: {list(exc.path)}: {exc.message}")
+    validate_strictly(manifests, version)
 
 
 def test_strict_validation_rejects_an_unknown_field(manifests: list[Manifest]) -> None:
