@@ -1,11 +1,13 @@
-"""Small helpers every benchmark shares: JSON output, logging, a memory-bandwidth probe, and
-the handle on a measured process (`Peer`)."""
+"""Small helpers every benchmark shares: JSON output, logging, a memory-bandwidth probe, the
+handle on a measured process (`Peer`), a spawned peer process on a pipe (`spawn_peer`) and
+alternating timed repetitions (`alternate_medians`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import multiprocessing as mp
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,3 +72,40 @@ class Peer:
         self.proc.join(60)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+def spawn_peer(target: Callable[..., None], *args: Any, timeout_s: float = 300.0) -> tuple[Any, Any, Any]:
+    """Start `target(conn, *args)` in a spawned process; (process, this end of the pipe, the
+    first message it sends once ready)."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    child.close()
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"the peer process ({target.__name__}) did not start")
+    return proc, conn, conn.recv()
+
+
+def alternate_medians(
+    a: Callable[[], None], b: Callable[[], None], budget_s: float,
+    sync: Callable[[], None] = lambda: None, max_reps: int = 500,
+) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, timed alternately (A B A B ...) after one warm-up of
+    each, as many repetitions as fit `budget_s` (7 at least). `sync` runs before and after
+    each timing (a CUDA synchronize)."""
+
+    def timed(fn: Callable[[], None]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    first = timed(a) + timed(b)
+    reps = max(7, min(max_reps, int(budget_s / max(first, 1e-6))))
+    ta, tb = [], []
+    for _ in range(reps):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return statistics.median(ta), statistics.median(tb)

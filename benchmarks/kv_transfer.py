@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import random
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.common import alternate_medians, spawn_peer
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 
@@ -62,22 +60,8 @@ def prefill_side(conn, num_blocks: int, device: str) -> None:
     pool.close()
 
 
-def _timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
 def run(device: str, pool_blocks: int, budget_s: float, seed: int) -> list[Row]:
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=prefill_side, args=(child, pool_blocks, device), daemon=True)
-    proc.start()
-    child.close()
-    if not conn.poll(300) or conn.recv() != "ready":
-        raise RuntimeError("the prefill-side process did not start")
+    proc, conn, _ = spawn_peer(prefill_side, pool_blocks, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     importer = KVImporterImpl(LAYOUT)
     dst = allocate_pool(LAYOUT, pool_blocks, device, shareable=False)
@@ -99,7 +83,7 @@ def run(device: str, pool_blocks: int, budget_s: float, seed: int) -> list[Row]:
             def memcpy(n=n, src=src) -> None:
                 dst.tensor[:n].copy_(src[:n])
 
-            pulls, copies = _measure(pull, memcpy, sync, budget_s)
+            pulls, copies = alternate_medians(pull, memcpy, budget_s, sync)
             pull()  # the memcpy wrote over some destination blocks; check a fresh pull
             got, want = dst.tensor[dst_ids].view(torch.int16), src[src_ids].view(torch.int16)
             if not torch.equal(got, want):  # compare bits: random bf16 bits include NaNs
@@ -114,19 +98,6 @@ def run(device: str, pool_blocks: int, budget_s: float, seed: int) -> list[Row]:
         importer.close()
         dst.close()
     return rows
-
-
-def _measure(
-    pull: Callable[[], None], memcpy: Callable[[], None], sync: Callable[[], None], budget_s: float
-) -> tuple[float, float]:
-    """Median seconds of each, alternating repetitions, after one warm-up of each."""
-    first = _timed(pull, sync) + _timed(memcpy, sync)
-    reps = max(7, min(500, int(budget_s / max(first, 1e-6))))
-    pulls, copies = [], []
-    for _ in range(reps):
-        pulls.append(_timed(pull, sync))
-        copies.append(_timed(memcpy, sync))
-    return statistics.median(pulls), statistics.median(copies)
 
 
 def main(argv: list[str] | None = None) -> int:

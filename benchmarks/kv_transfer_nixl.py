@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import secrets
 import socket
-import statistics
 import struct
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.common import alternate_medians, spawn_peer
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 from kv_manager.transfer.nixl import NixlPool
@@ -93,14 +90,7 @@ def run_phase(
     layout: KVLayout, sizes: list[int], tcp: bool, pool_blocks: int, budget_s: float, seed: int
 ) -> list[NixlRow]:
     secret = secrets.token_bytes(32)
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=prefill_side, args=(child, layout, pool_blocks, secret), daemon=True)
-    proc.start()
-    child.close()
-    if not conn.poll(300):
-        raise RuntimeError("the prefill-side process did not start")
-    _, port = conn.recv()
+    proc, conn, (_, port) = spawn_peer(prefill_side, layout, pool_blocks, secret)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     importer = KVImporterImpl(layout, secret=secret)
@@ -129,7 +119,7 @@ def run_phase(
                 while got < nbytes:
                     got += sock.recv_into(view[got:], nbytes - got)
 
-            pulls, refs = _alternate(pull, socket_copy if tcp else memcpy, budget_s)
+            pulls, refs = alternate_medians(pull, socket_copy if tcp else memcpy, budget_s, max_reps=400)
             pull()  # the reference wrote over some destination blocks: check a fresh pull
             got = hashlib.sha256(dst.tensor[dst_ids].view(torch.uint8).numpy().tobytes()).hexdigest()
             if got != digest:
@@ -144,23 +134,6 @@ def run_phase(
         importer.close()
         dst.close()
     return rows
-
-
-def _alternate(a: Callable[[], None], b: Callable[[], None], budget_s: float) -> tuple[float, float]:
-    """Median seconds of `a` and `b`, alternating, after one warm-up of each."""
-    first = _timed(a) + _timed(b)
-    reps = max(7, min(400, int(budget_s / max(first, 1e-6))))
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(_timed(a))
-        tb.append(_timed(b))
-    return statistics.median(ta), statistics.median(tb)
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def phase_in_subprocess(tcp: bool, pool_blocks: int, budget_s: float, seed: int) -> dict:

@@ -102,7 +102,7 @@ class KVImporterImpl:
             )
         check_ids("kv descriptor.block_ids", desc.block_ids, handle.num_blocks)
         if handle.kind == "nixl":
-            self._reader().verify(handle)
+            self._reader().peer(handle)  # the tag is checked before the agent is added
         else:
             self._peer(handle)
         return desc

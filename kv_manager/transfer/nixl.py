@@ -192,7 +192,7 @@ class NixlReader:
         """Copy remote blocks `src_ids` into `dst[dst_ids]`; returns when they are in place."""
         if not src_ids:  # the whole prompt was cached here already: NIXL refuses empty lists
             return
-        agent, remote = self._remote(handle)
+        agent, remote = self.peer(handle)
         local = self._local(dst, handle.layout)
         xfer = self._agent.make_prepped_xfer(
             "READ", local, np.asarray(dst_ids, np.int32), remote, np.asarray(src_ids, np.int32)
@@ -206,7 +206,9 @@ class NixlReader:
         if state != "DONE":
             raise KVTransferError(f"NIXL READ of {len(src_ids)} blocks from {agent} ended in {state}")
 
-    def _remote(self, handle: PoolHandle) -> tuple[str, Any]:
+    def peer(self, handle: PoolHandle) -> tuple[str, Any]:
+        """(agent name, prepared block list) of `handle`'s pool: verified and added on first
+        sight (the importer's `open`), looked up afterwards."""
         found = self._remotes.get(handle.pool_id)
         if found is not None:
             self._remotes.move_to_end(handle.pool_id)

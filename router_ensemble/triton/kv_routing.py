@@ -95,6 +95,9 @@ class PoolRouting:
         endpoint its node registered; None for a remote worker no longer registered."""
         if self.remote is not None and is_remote(worker):
             return self.remote.endpoint(worker)
+        return self._local_endpoint(worker)
+
+    def _local_endpoint(self, worker: str) -> WorkerEndpoint:
         return WorkerEndpoint(worker, events_endpoint(worker, self.socket_dir), reports_load=True)
 
     def discover(self) -> list[WorkerEndpoint]:
@@ -108,7 +111,7 @@ class PoolRouting:
         for name in names:
             stem = name[: -len(SUFFIX)]
             if name.endswith(SUFFIX) and (parse_replica(stem) or ("", 0))[0] == self.pool:
-                found.append(WorkerEndpoint(stem, events_endpoint(stem, self.socket_dir), reports_load=True))
+                found.append(self._local_endpoint(stem))
         return found
 
     def sync_workers(self, ready: tuple[str, ...]) -> None:
