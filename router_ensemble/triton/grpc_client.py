@@ -13,8 +13,9 @@ own) and reads the request's stream to its final response, so the worker has fre
 request's blocks when `generate` returns; a stream that saw a transport error is closed,
 never reused.
 
-Who calls it: the orchestration's request threads (`generate`, `abort`), the worker
-directory's probes (`is_model_ready`). `close()` at the router model's `finalize`.
+Who calls it: the orchestration's request threads (`generate`, `abort`); `is_model_ready` is
+a readiness probe for tools and tests (the router counts a registered worker as ready).
+`close()` at the router model's `finalize`.
 """
 
 from __future__ import annotations
