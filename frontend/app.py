@@ -4,7 +4,8 @@
 Everything runs on uvicorn's event loop; the app owns one `RouterClient` (started and
 closed by the lifespan) and one `FrontendMetrics`. Request bodies are read raw and
 validated by `frontend.protocol` so that every error, malformed JSON included, has
-OpenAI's shape and names the field.
+OpenAI's shape and names the field. The limits of `frontend.limits` apply before a
+request reaches Triton: body size (413) and open router streams per API key (429).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.args import FrontendConfig
 from frontend.errors import APIError, from_trident_error, model_not_found, unauthorized
+from frontend.limits import StreamLease, StreamLimiter, read_body
 from frontend.metrics import FrontendMetrics
 from frontend.protocol import (
     ChatCompletionRequest,
@@ -89,11 +91,23 @@ def _local_model_id() -> str | None:
 
 
 class SSEResponse(StreamingResponse):
-    """A streaming response that always closes its body iterator.
+    """A streaming response that always closes its body iterator, then runs `on_close`.
 
     Starlette leaves the iterator suspended when the client disconnects while a chunk is
-    being sent; closing it here runs its cleanup, which cancels the Triton stream.
+    being sent; closing it here runs its cleanup, which cancels the Triton stream. If the
+    client left before the first chunk, the iterator never started and closing it runs
+    nothing: `on_close` (from `_respond`) then closes the router streams and releases the
+    request's stream lease.
     """
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        on_close: Callable[[], Awaitable[None]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -102,6 +116,7 @@ class SSEResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            await self.on_close()
 
 
 class RequestMetricsMiddleware:
@@ -157,6 +172,7 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
     )
     metrics = FrontendMetrics()
     models = ServedModels(config, client)
+    limiter = StreamLimiter(config.max_streams_per_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -172,16 +188,14 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
     app.state.client = client
     app.state.metrics = metrics
     app.state.models = models
+    app.state.limiter = limiter
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     async def require_api_key(request: Request) -> None:
         if config.api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
+        if not hmac.compare_digest(_bearer_token(request).encode(), config.api_key.encode()):
             raise unauthorized()
 
     authed = [Depends(require_api_key)]
@@ -220,34 +234,48 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
     async def get_model(model: str) -> dict[str, Any]:
         return _model_card(await models.resolve(model), models.created)
 
+    def lease_for(request: Request, req: Any, streams: int) -> StreamLease:
+        """Hold the request's router streams against its API key's limit."""
+        # Without a configured key, presented tokens are not checked: they share one key.
+        key = _bearer_token(request) if config.api_key is not None else ""
+        param = "n" if req.n > 1 else ("messages" if hasattr(req, "messages") else "prompt")
+        return limiter.acquire(key, streams, param)
+
     @app.post("/v1/chat/completions", dependencies=authed)
     async def chat_completions(request: Request) -> Response:
-        req = parse_body(await request.body(), ChatCompletionRequest)
+        req = parse_body(await read_body(request, config.max_body_bytes), ChatCompletionRequest)
         await models.resolve(req.model)
         messages = validate_chat(req, config.max_n)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         routed = to_router_requests(req, None, messages, response_id, config.default_max_tokens)
         shape = ResponseShape(True, response_id, req.model, int(time.time()))
+        lease = lease_for(request, req, len(routed))
         generation = Generation(
             client, routed, router_param_map(req, chat=True), metrics, req.model, req.n
         )
-        return await _respond(request, req, generation, shape, "chat_completions", metrics)
+        return await _respond(request, req, generation, shape, "chat_completions", metrics, lease)
 
     @app.post("/v1/completions", dependencies=authed)
     async def completions(request: Request) -> Response:
-        req = parse_body(await request.body(), CompletionRequest)
+        req = parse_body(await read_body(request, config.max_body_bytes), CompletionRequest)
         await models.resolve(req.model)
         prompts = validate_completion(req, config.max_n)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         routed = to_router_requests(req, prompts, None, response_id, config.default_max_tokens)
         echo = [p for p in prompts if isinstance(p, str)] if req.echo else None
         shape = ResponseShape(False, response_id, req.model, int(time.time()), echo=echo)
+        lease = lease_for(request, req, len(routed))
         generation = Generation(
             client, routed, router_param_map(req, chat=False), metrics, req.model, req.n
         )
-        return await _respond(request, req, generation, shape, "completions", metrics)
+        return await _respond(request, req, generation, shape, "completions", metrics, lease)
 
     return app
+
+
+def _bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 async def _respond(
@@ -257,10 +285,16 @@ async def _respond(
     shape: ResponseShape,
     endpoint: str,
     metrics: FrontendMetrics,
+    lease: StreamLease,
 ) -> Response:
-    """Run `generation` and answer with one JSON body or an SSE stream."""
+    """Run `generation` and answer with one JSON body or an SSE stream.
+
+    Owns `lease`: released here, or, once streaming has started, when the SSE response
+    closes (`_Ending`).
+    """
     metrics.inflight.add(1, endpoint)
     deltas = generation.deltas()
+    ending = _Ending(deltas, lease, endpoint, metrics)
     streaming_started = False
     try:
         if not req.stream:
@@ -283,7 +317,8 @@ async def _respond(
         )
         streaming_started = True
         return SSEResponse(
-            _tracked(events, endpoint, metrics),
+            _tracked(events, ending),
+            ending.close,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -293,14 +328,44 @@ async def _respond(
         return Response(status_code=CLIENT_CLOSED)
     finally:
         if not streaming_started:
-            metrics.inflight.add(-1, endpoint)
-            await deltas.aclose()
+            await ending.close()
 
 
-async def _tracked(
-    events: AsyncIterator[str], endpoint: str, metrics: FrontendMetrics
-) -> AsyncIterator[str]:
-    """Pass `events` through; count a disconnect and the end of an in-flight request.
+class _Ending:
+    """The end of one generation request, done once whoever comes first: the request
+    handler (an error, a JSON answer), the SSE body (`_tracked`) or the SSE response
+    (`SSEResponse.on_close`, for a client gone before the first chunk)."""
+
+    def __init__(
+        self,
+        deltas: AsyncGenerator[Any, None],
+        lease: StreamLease,
+        endpoint: str,
+        metrics: FrontendMetrics,
+    ) -> None:
+        self.deltas = deltas
+        self.lease = lease
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.done = False
+
+    def finish(self) -> None:
+        """Count the request out and release its streams (synchronous: see `_tracked`)."""
+        if not self.done:
+            self.done = True
+            self.metrics.inflight.add(-1, self.endpoint)
+            self.lease.release()
+
+    async def close(self) -> None:
+        """Close the router streams (a no-op once closed), then `finish`."""
+        try:
+            await self.deltas.aclose()
+        finally:
+            self.finish()
+
+
+async def _tracked(events: AsyncIterator[str], ending: _Ending) -> AsyncIterator[str]:
+    """Pass `events` through; count a disconnect and end the request.
 
     Closing `events` does not suspend (serving.py keeps its cleanup synchronous), so it
     completes even inside the cancelled scope Starlette runs us in after a disconnect.
@@ -312,9 +377,9 @@ async def _tracked(
                 yield event
         completed = True
     finally:
-        metrics.inflight.add(-1, endpoint)
+        ending.finish()
         if not completed:
-            metrics.disconnects.inc(endpoint)
+            ending.metrics.disconnects.inc(ending.endpoint)
             logger.info("client disconnected mid-stream; Triton stream cancelled")
 
 

@@ -28,6 +28,8 @@ class FrontendConfig:
     "ask the router model for the engine's model id at start-up". `aliases` are accepted
     in requests but not advertised. `default_max_tokens` applies when a request sets
     neither `max_tokens` nor `max_completion_tokens` (None: the router's default).
+    Limits (`frontend.limits`): a larger body is a 413; a key with `max_streams_per_key`
+    router streams open (one per prompt and choice; 0: no limit) gets 429s until one ends.
     """
 
     host: str = "127.0.0.1"
@@ -40,6 +42,8 @@ class FrontendConfig:
     triton_admin_key: str | None = None
     default_max_tokens: int | None = None
     max_n: int = 16
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_streams_per_key: int = 0
     request_timeout_s: float = 600.0
     health_timeout_s: float = 5.0
     log_level: str = "info"
@@ -66,6 +70,12 @@ class FrontendConfig:
             )
         if self.max_n < 1:
             raise ConfigError(f"max_n: must be >= 1, got {self.max_n}")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes: must be >= 1, got {self.max_body_bytes}")
+        if self.max_streams_per_key < 0:
+            raise ConfigError(
+                f"max_streams_per_key: must be >= 0 (0: no limit), got {self.max_streams_per_key}"
+            )
         if self.request_timeout_s <= 0 or self.health_timeout_s <= 0:
             raise ConfigError("request_timeout_s/health_timeout_s: must be positive")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
@@ -85,6 +95,9 @@ _HELP = {
     "triton_admin_key": "key of Triton's restricted model-repository API (optional; for /health)",
     "default_max_tokens": "max_tokens when a request gives none (default: router's default)",
     "max_n": "largest accepted n (choices per prompt, default 16)",
+    "max_body_bytes": "largest accepted request body; larger is HTTP 413 (default 4194304)",
+    "max_streams_per_key": "router streams (prompts x n) one API key may have open at once; "
+    "more is HTTP 429 (default 0: no limit; without --api-key all clients share one key)",
     "request_timeout_s": "give up on a request after this many seconds (default 600)",
     "health_timeout_s": "timeout of the readiness probes (default 5)",
     "log_level": "critical|error|warning|info|debug (default info)",
@@ -133,7 +146,7 @@ def from_strings(raw: Mapping[str, str]) -> FrontendConfig:
 
 
 def _convert(name: str, value: str) -> object:
-    if name in ("port", "max_n"):
+    if name in ("port", "max_n", "max_body_bytes", "max_streams_per_key"):
         return int(value)
     if name in ("request_timeout_s", "health_timeout_s"):
         return float(value)

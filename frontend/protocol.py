@@ -19,15 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 
 from frontend.errors import APIError, invalid_request
-from trident.core.router_io import RouterRequest
+from trident.core.router_io import MAX_JSON_DEPTH, RouterRequest, json_problem
 from trident.core.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Number = Annotated[float, Field(strict=True)]
+INT32_MAX = 2**31 - 1  # the router's integer inputs are INT32 (trident.core.contract)
 NonNegInt = Annotated[int, Field(strict=True, ge=0)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
-TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+NonNegInt32 = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+PositiveInt32 = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
 
 
 class _Strict(BaseModel):
@@ -54,7 +57,7 @@ class _GenerationFields(_Strict):
     """Fields shared by both endpoints (OpenAI names, plus vLLM-style extensions)."""
 
     model: StrictStr
-    max_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt32 | None = None
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] | None = None
     seed: Annotated[int, Field(strict=True, ge=0, le=2**64 - 1)] | None = None
@@ -67,8 +70,8 @@ class _GenerationFields(_Strict):
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Any] | None = None
     # Extensions (vLLM / Triton OpenAI frontend names).
-    top_k: Annotated[int, Field(strict=True, ge=-1)] | None = None
-    min_tokens: NonNegInt | None = None
+    top_k: Annotated[int, Field(strict=True, ge=-1, le=INT32_MAX)] | None = None
+    min_tokens: NonNegInt32 | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[TokenId] | None = None
     repetition_penalty: Number | None = None
@@ -76,7 +79,7 @@ class _GenerationFields(_Strict):
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage]
-    max_completion_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt32 | None = None
     logprobs: StrictBool | None = None
     top_logprobs: NonNegInt | None = None
     response_format: dict[str, Any] | None = None
@@ -97,15 +100,17 @@ _ROUTER_PARAMS = {"random_seed": "seed", "stop_token_ids": "stop_token_ids"}
 
 
 def parse_body(raw: bytes, kind: type[_GenerationFields]) -> Any:
-    """Parse and validate a request body; raise a 400 `APIError` naming the bad field."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid_request(
-            f"Request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
+    """Parse and validate a request body; raise a 400 `APIError` naming the bad field.
+
+    Called by the route handlers of `frontend.app` with the raw bytes they read.
+    """
+    data = _load_json(raw)
     if not isinstance(data, dict):
         raise invalid_request("Request body must be a JSON object", code="invalid_json")
+    problem = json_problem(data)
+    if problem is not None:
+        param, reason = problem
+        raise invalid_request(f"{param or 'body'}: {reason}", param=param or None)
     try:
         request = kind.model_validate(data)
     except PydanticValidationError as exc:
@@ -113,6 +118,21 @@ def parse_body(raw: bytes, kind: type[_GenerationFields]) -> Any:
     if request.model_extra:
         logger.debug("ignoring unsupported fields %s", sorted(request.model_extra))
     return request
+
+
+def _load_json(raw: bytes) -> Any:
+    """`json.loads`, with every way it fails as a 400 (`ValueError` covers bad UTF-8 and
+    integers of more than 4,300 digits; nesting of ~1,000 levels exhausts its stack)."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise invalid_request(
+            f"Request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise invalid_request(
+            f"Request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        ) from None
 
 
 def _to_api_error(exc: PydanticValidationError) -> APIError:
@@ -171,8 +191,9 @@ def validate_common(req: _GenerationFields, max_n: int) -> None:
 def validate_chat(req: ChatCompletionRequest, max_n: int) -> list[dict[str, str]]:
     """Validate a chat request; return its messages as the router's chat JSON."""
     validate_common(req, max_n)
-    if req.logprobs or req.top_logprobs:
-        raise invalid_request("logprobs: not supported", param="logprobs")
+    for name in ("logprobs", "top_logprobs"):
+        if getattr(req, name):
+            raise invalid_request(f"{name}: not supported", param=name)
     if req.tools:
         raise invalid_request("tools: tool calling is not supported", param="tools")
     if req.tool_choice not in (None, "none", "auto"):

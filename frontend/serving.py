@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,11 @@ from trident.core.router_io import RouterDelta, RouterRequest
 logger = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
+# When one choice fails, its siblings get this long to end by themselves before they are
+# cancelled: a request error (context length, a bad field) fails them all at once, and a
+# stream cancelled just as its error arrives makes Triton 2.51 keep a model reference.
+SIBLING_GRACE_S = 1.0
+_lingering: set[asyncio.Task[None]] = set()  # `_cancel_after` tasks, kept from the GC
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -76,7 +81,7 @@ class Generation:
         self.streaming = all(r.stream for r in requests)
         self.choices = [ChoiceState(index=i, prompt_index=i // n) for i in range(len(requests))]
 
-    async def deltas(self) -> AsyncIterator[tuple[int, RouterDelta]]:
+    async def deltas(self) -> AsyncGenerator[tuple[int, RouterDelta], None]:
         source = self._single() if len(self.requests) == 1 else self._merged()
         async with aclosing(source) as stream:
             async for index, delta in stream:
@@ -102,6 +107,7 @@ class Generation:
             queue.put_nowait((index, None))
 
         tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(self.requests)]
+        failed = False
         try:
             open_streams = len(tasks)
             while open_streams:
@@ -109,12 +115,13 @@ class Generation:
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, BaseException):
+                    failed = True
                     raise item
                 else:
                     yield index, item
         finally:
-            for task in tasks:
-                task.cancel()  # each task's aclosing() cancels its Triton stream
+            # each task's aclosing() cancels its Triton stream
+            _cancel_after(tasks, SIBLING_GRACE_S if failed else 0.0)
 
     def _record(self, choice: ChoiceState, delta: RouterDelta) -> None:
         now = time.monotonic()
@@ -160,6 +167,29 @@ class Generation:
             self.model, amount=usage["prompt_tokens_details"]["cached_tokens"]
         )
         self.metrics.completion_tokens.inc(self.model, amount=usage["completion_tokens"])
+
+
+def _cancel_after(tasks: list[asyncio.Future[None]], grace_s: float) -> None:
+    """Cancel the `tasks` still running, now or after `grace_s` (synchronous: it runs in
+    cleanup that must not await, see the module docstring)."""
+    pending = [t for t in tasks if not t.done()]
+    if not grace_s:
+        for task in pending:
+            task.cancel()
+        return
+    if not pending:
+        return
+
+    async def cancel_late() -> None:
+        try:
+            await asyncio.wait(pending, timeout=grace_s)
+        finally:
+            for task in pending:
+                task.cancel()  # a no-op on a task that has ended
+
+    task = asyncio.ensure_future(cancel_late())
+    _lingering.add(task)
+    task.add_done_callback(_lingering.discard)
 
 
 def check_finish_reason(reason: str) -> str:

@@ -7,6 +7,8 @@ bidirectional `ModelStreamInfer` stream per router request and yields `RouterDel
 the response that carries a `finish_reason`. Leaving the generator early (the client went
 away, a sibling choice failed, a timeout) cancels the gRPC call: Triton then marks the
 request cancelled, the router cancels its BLS children and the workers free the blocks.
+A stream whose request has had its last response is never cancelled but left to end by
+itself (`_end_call`: cancelling it then makes Triton 2.51 leak a reference to the model).
 Requests and responses go through `trident.core.router_io` (`encode_router_inputs`,
 `decode_router_outputs`); each tensor's datatype comes from the `ROUTER_INPUTS` table.
 """
@@ -25,7 +27,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from frontend.errors import APIError, from_triton_message, service_unavailable
+from frontend.errors import APIError, from_triton_message, invalid_request, service_unavailable
 from trident.core.contract import ROUTER_INPUTS, ROUTER_OUTPUTS
 from trident.core.errors import ValidationError
 from trident.core.names import ADMIN_KEY_GRPC_HEADER, is_worker_model, replica_name
@@ -89,12 +91,15 @@ class RouterClient:
         self.request_timeout_s = request_timeout_s
         self.health_timeout_s = health_timeout_s
         self._client: grpcclient.InferenceServerClient | None = None
+        self._ending: set[asyncio.Task[None]] = set()  # streams left to end (`_let_end`)
 
     async def start(self) -> None:
         if self._client is None:
             self._client = grpcclient.InferenceServerClient(self.url)
 
     async def close(self) -> None:
+        if self._ending:
+            await asyncio.wait(set(self._ending), timeout=_END_GRACE_S)
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -110,32 +115,51 @@ class RouterClient:
     ) -> AsyncIterator[RouterDelta]:
         """Yield the router's responses for `req` up to and including the final one.
 
-        Raises `APIError` for a Triton error (mapped by `from_triton_message`) or a
-        broken stream. Closing the generator early cancels the Triton request.
+        Raises `APIError` for a Triton error (mapped by `from_triton_message`), a value the
+        router's inputs cannot carry (400 naming the client's field) or a broken stream.
+        Closing the generator early cancels the Triton request.
         """
-        inputs = _infer_inputs(req)
+        try:
+            inputs = _infer_inputs(req)
+        except ValidationError as exc:
+            field = (param_map or {}).get(exc.field, exc.field)
+            raise invalid_request(f"{field}: {exc.message}", param=field) from None
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": self.router_model, "inputs": inputs, "request_id": req.request_id}
 
         stream = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout_s)
-        finished = False
+        answered = False  # the request's last response (final or error) has arrived
         try:
             async for result, error in _guard(stream):
                 if error is not None:
+                    answered = True
                     raise from_triton_message(error.message() or str(error), param_map)
                 delta = _parse(result)
-                finished = delta.final
+                answered = delta.final
                 yield delta
-                if finished:
+                if answered:
                     return
+            answered = True
             raise APIError(
                 502, "the router closed the stream before the final response", type="server_error"
             )
         finally:
-            if not finished:
+            if answered:
+                self._let_end(stream)
+            else:
                 logger.info("cancelling router stream request_id=%s", req.request_id)
-            stream.cancel()  # a no-op once the call has finished
+                stream.cancel()
+
+    def _let_end(self, stream: Any) -> None:
+        """Leave a stream whose request has had its last response to end by itself.
+
+        Synchronous (it runs in `generate`'s cleanup, maybe in a cancelled task): a task of
+        its own waits for the end, and `close()` waits for those tasks.
+        """
+        task = asyncio.ensure_future(_end_call(stream))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def readiness(self) -> Readiness:
         """Router and worker model states, from `is_model_ready` probes.
@@ -191,9 +215,7 @@ class RouterClient:
                 )
         except InferenceServerException as exc:
             logger.debug("router config unavailable for health probes: %s", exc)
-        names = fixed | {
-            replica_name(pool, i) for pool in pools for i in range(_PROBED_REPLICAS)
-        }
+        names = fixed | {replica_name(pool, i) for pool in pools for i in range(_PROBED_REPLICAS)}
         return sorted(names)
 
     async def served_model_id(self) -> str | None:
@@ -232,6 +254,37 @@ def model_id_from_path(path: str) -> str:
         name = name[: -len(".gguf")]
         name = re.sub(r"[.-](?:[QqFf]\d+(?:_[A-Za-z0-9]+)*|BF16|bf16)$", "", name)
     return name
+
+
+# How long a call whose last response has arrived may take to end before it is cancelled.
+_END_GRACE_S = 2.0
+
+
+async def _end_call(stream: Any) -> None:
+    """Wait for Triton to end a stream whose request has had its last response.
+
+    Cancelling such a stream instead races Triton 2.51's own end of the call: when the
+    cancellation arrives just after the last response, the server keeps a reference to
+    the router model forever (shutdown then waits out --exit-timeout-secs, and the model
+    cannot be unloaded). Our request iterator is exhausted, so the server ends the call
+    within milliseconds; it is cancelled after `_END_GRACE_S`, or if this task is.
+    """
+    try:
+        await asyncio.wait_for(_rest(stream), _END_GRACE_S)
+    except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+        logger.debug("router stream did not end by itself (%s); cancelling", type(exc).__name__)
+        stream.cancel()
+    except (grpc.aio.AioRpcError, InferenceServerException) as exc:
+        logger.debug("router stream ended with %s", exc)
+
+
+async def _rest(stream: Any) -> None:
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            await iterator.__anext__()
+        except StopAsyncIteration:
+            return
 
 
 async def _guard(stream: Any) -> AsyncIterator[tuple[Any, Any]]:

@@ -42,6 +42,7 @@ from trident.core.errors import ConfigError, ModelLoadError, TridentError
 from trident.core.names import ADMIN_KEY_HEADER, replica_names
 from trident.model_control import ModelControl, load_replica
 from trident.serve_config import ServeConfig
+from trident.supervisor import StubSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class Launcher:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
         self.kv_events_dir: Path | None = None  # the workers' KV event sockets (trident.core.endpoints)
+        self.supervisor: StubSupervisor | None = None  # restarts models whose stub died
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> Endpoints:
@@ -243,6 +245,8 @@ class Launcher:
             self._spawn()
             self._wait_live()
             self._load_models()
+            if self.config.restart_stubs:
+                self._supervise()
         except BaseException:
             self.stop()
             raise
@@ -250,6 +254,9 @@ class Launcher:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Stop the server and its stubs; remove its shared memory. Safe to call twice."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -396,6 +403,31 @@ class Launcher:
         self.decode_models = names
         self.prefill_models = prefills
         self._run_jobs(jobs)
+
+    def _supervise(self) -> None:
+        assert self.control is not None and self._proc is not None
+        pgid = self._proc.pid
+        self.supervisor = StubSupervisor(self.control, lambda: group_pids(pgid), self.reload_model)
+        self.supervisor.start()
+
+    def reload_model(self, name: str) -> None:
+        """Load `name` (the router, or a worker) again as it was loaded at start."""
+        if name == "router":
+            assert self.control is not None
+            self.control.load("router")
+        else:
+            self.reload_worker(name)
+
+    def reload_worker(self, name: str) -> None:
+        """Load worker model `name` (one of this server's, or a replica the planner added) again
+        from its pool's template, as at start; blocks until it is ready."""
+        pool = "prefill" if name == "prefill" or name.startswith("prefill_") else "decode"
+        if name != pool and not name.startswith(pool + "_"):
+            raise ValueError(f"{name!r} is not a worker model (decode, decode_N, prefill, prefill_N)")
+        names = [*self.decode_models, *self.prefill_models]
+        gpus = gpu_count() if self.config.device.startswith("cuda") else 0
+        gpu = (names.index(name) if name in names else len(names)) % gpus if gpus else None
+        self._load_job(name, gpu=gpu, pool=pool)()
 
     def _load_job(self, name: str, gpu: int | None, pool: str = "decode") -> Callable[[], None]:
         template = str(self.repository / pool)

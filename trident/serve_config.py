@@ -61,6 +61,7 @@ _HELP = {
     "node_address": "this node's address: cross-node sockets bind here and other nodes dial it",
     "etcd": "etcd client URL (http://host:2379): workers register there, routers find other nodes' workers",
     "remote_workers": "routers: a static list of other nodes' workers (JSON, or a JSON file) instead of etcd",
+    "restart_stubs": "load a model again when its Python stub process dies (trident.supervisor)",
 }
 
 
@@ -99,6 +100,7 @@ class ServeConfig:
     node_address: str = ""
     etcd: str = ""
     remote_workers: str = ""
+    restart_stubs: bool = True
 
     def validate(self) -> ServeConfig:
         """Return self, or raise `ConfigError` naming the first bad field."""

@@ -199,6 +199,16 @@ class KVExporterImpl:
             freed.append(list(lease.block_ids))
         return freed
 
+    def revoke(self, request_id: str) -> list[list[int]]:
+        """End the leases of `request_id` at once, without waiting for a release or expiry;
+        block-id lists to free, as `poll_released` gives. Only for a request whose descriptor
+        was never handed to a decode worker (the router closed it after the first token:
+        a cancel or a stop string), so no pull can be reading those blocks."""
+        freed = [list(lease.block_ids) for lease in self._leases.release_request(request_id)]
+        if freed:
+            log.debug("worker=%s request_id=%s: lease revoked (never handed over)", self.worker_id, request_id)
+        return freed
+
     def held_blocks(self) -> int:
         """Block references pinned by live leases (a block shared by two leases counts twice)."""
         return self._leases.held_blocks()

@@ -22,7 +22,7 @@ from trident.core.errors import KVTransferError
 
 HANDLE_VERSION = 1
 SHM_PREFIX = "trident_kv_"
-_SHM_NAME_RE = re.compile(r"^trident_kv_[0-9]+_[0-9a-f]{32}$")
+SHM_NAME_RE = re.compile(r"^trident_kv_[0-9]+_[0-9a-f]{32}$")
 _KINDS = ("shm", "cuda", "local", "nixl")
 _MEM_TYPES = ("DRAM", "VRAM")
 _AUTH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -130,7 +130,7 @@ def decode_handle(data: bytes) -> PoolHandle:
         device_uuid=_field(body, "device_uuid", str),
         cuda_ipc=tuple(_field(body, "cuda_ipc", list)),
     )
-    if kind == "shm" and not _SHM_NAME_RE.match(handle.shm_name):
+    if kind == "shm" and not SHM_NAME_RE.match(handle.shm_name):
         raise KVTransferError(f"pool_handle.shm_name: not a Trident segment: {handle.shm_name!r}")
     if kind == "cuda" and (len(handle.cuda_ipc) != 8 or not handle.device_uuid):
         raise KVTransferError("pool_handle.cuda_ipc: malformed CUDA IPC handle")

@@ -46,6 +46,13 @@ class LeaseTable:
             self._held -= len(lease.block_ids)
         return lease
 
+    def release_request(self, request_id: str) -> list[Lease]:
+        """End every lease taken for `request_id` (normally one)."""
+        mine = [lease for lease in self._leases.values() if lease.request_id == request_id]
+        for lease in mine:
+            self.release(lease.lease_id)
+        return mine
+
     def expire(self, now: float) -> list[Lease]:
         expired: list[Lease] = []
         for lease in self._leases.values():

@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from kv_manager.layout import KVLayout
-from kv_manager.transfer.handle import SHM_PREFIX, PoolHandle, encode_handle
+from kv_manager.transfer.handle import SHM_NAME_RE, SHM_PREFIX, PoolHandle, encode_handle
 from kv_manager.transfer.local_pool import register_local, torch_dtype
 from trident.core.errors import ConfigError, KVTransferError
 
@@ -43,7 +43,8 @@ class ShmPool:
     every block in it, writes it from its loop thread, and calls `close()` at shutdown
     (idempotent). Peers map it read-only through `KVImporter` with the bytes of `handle()`.
     If the engine never calls `close()`, the name is unlinked when this object is collected
-    or the interpreter exits normally; only a killed process leaves its segment behind.
+    or the interpreter exits normally; only a killed process leaves its segment behind, and
+    the next pool created on the machine removes it (`sweep_orphans`).
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int) -> None:
@@ -53,6 +54,7 @@ class ShmPool:
         self.name = f"{SHM_PREFIX}{os.getpid()}_{self.pool_id}"
         self.closed = False
         nbytes = layout.block_nbytes * num_blocks
+        sweep_orphans()
         fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         self._finalizer = weakref.finalize(self, _unlink, self.name)
         try:
@@ -118,6 +120,50 @@ def attach_shm(handle: PoolHandle) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         flat = torch.frombuffer(buf, dtype=torch_dtype(handle.layout))
     return flat.view(handle.layout.pool_shape(handle.num_blocks))
+
+
+def sweep_orphans(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink this user's pool segments whose creating process is dead (it was killed: a
+    pool closes its own otherwise); returns their names. Called when a pool is created, so a
+    worker restarted after a crash (Triton restarts a dead stub) reclaims its predecessor's
+    memory. Pids are of this pid namespace: a /dev/shm shared across pid namespaces (pods
+    sharing IPC but not processes) must not hold Trident pools of more than one of them."""
+    removed = []
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(shm_dir))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = _segment_pid(entry.name)
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            _posixshmem.shm_unlink("/" + entry.name)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        removed.append(entry.name)
+    if removed:
+        log.info("removed %d KV pool segment(s) left by killed workers: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _segment_pid(name: str) -> int | None:
+    if not SHM_NAME_RE.match(name):
+        return None
+    return int(name[len(SHM_PREFIX) :].split("_", 1)[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def segment_exists(name: str) -> bool:

@@ -171,11 +171,14 @@ class TorchEngine(Engine):
                 seq = self._seqs.get(item)  # type: ignore[arg-type]
                 if seq is not None:
                     self._finish(seq, FINISH_ABORT)
+                else:  # a finished prefill whose descriptor the router will not hand over
+                    self._revoke(item)  # type: ignore[arg-type]
 
     def _add(self, request: GenerateRequest, sink: ChunkSink) -> None:
         info = self.info()
         tokens = list(request.input_ids)
-        seq = Sequence(request, sink, make_state(request.sampling, info.eos_token_ids), tokens, len(tokens))
+        state = make_state(request.sampling, info.eos_token_ids, request.output_offset)
+        seq = Sequence(request, sink, state, tokens, len(tokens))
         if request.kv_descriptor is not None:
             seq.import_pending = True
             seq.token_ids.append(int(request.first_token or 0))
@@ -231,7 +234,9 @@ class TorchEngine(Engine):
         if self._seqs.pop(seq.request_id, None) is None:
             return
         kv_descriptor = None
-        if seq.request.hold_kv and reason in (FINISH_STOP, FINISH_LENGTH) and self._parts and self._parts.exporter:
+        # Only a prompt whose generation goes on (its one token reached max_tokens) is leased:
+        # after EOS or a stop id as the first token nobody pulls, so its blocks are freed now.
+        if seq.request.hold_kv and reason == FINISH_LENGTH and self._parts and self._parts.exporter:
             kv_descriptor = self._export(seq)
         self.scheduler.remove(seq)
         self._counters["prompt"] += seq.prompt_len
@@ -247,6 +252,12 @@ class TorchEngine(Engine):
         leased = self._kv.lend(seq, -(-seq.prompt_len // bs))
         hashes = seq.hashes_upto(seq.prompt_len // bs, bs)
         return self._parts.exporter.export(seq.request_id, leased, seq.prompt_len, list(hashes))
+
+    def _revoke(self, request_id: str) -> None:
+        exporter = self._parts.exporter if self._parts else None
+        if exporter is not None and self._kv is not None:
+            for block_ids in exporter.revoke(request_id):
+                self._kv.take_back(block_ids)
 
     def _reclaim_leases(self) -> None:
         exporter = self._parts.exporter if self._parts else None
@@ -296,6 +307,7 @@ class TorchEngine(Engine):
             generated_tokens=self._counters["generated"],
             preemptions=sched.num_preemptions,
             held_blocks=exporter.held_blocks() if exporter else 0,
+            leases=exporter.num_leases() if exporter else 0,
             tiers=kv.tiers.counters() if kv.tiers is not None else (),
         )
         events = kv.take_events()

@@ -33,6 +33,7 @@ _FAMILIES = {
     "trident_requests_inflight": ("GAUGE", "Requests the worker model holds (accepted, final response not yet sent)"),
     "trident_prefill_tokens_active": ("GAUGE", "Prompt tokens admitted but not yet prefilled"),
     "trident_kv_blocks_held": ("GAUGE", "KV blocks leased to a decode worker's pull (prefill workers)"),
+    "trident_kv_leases_active": ("GAUGE", "Leases of prompt KV not yet released by a decode worker (prefill workers)"),
 }
 # KV tiers below the device pool, labelled by `medium` too: TierStats field -> (name, kind, description)
 _TIER_FAMILIES = {
@@ -106,6 +107,7 @@ class WorkerMetrics:
                 self._metrics["trident_requests_waiting"].set(float(stats.waiting))
                 self._metrics["trident_prefill_tokens_active"].set(float(stats.active_prefill_tokens))
                 self._metrics["trident_kv_blocks_held"].set(float(stats.held_blocks))
+                self._metrics["trident_kv_leases_active"].set(float(stats.leases))
                 for tier in stats.tiers:
                     self._flush_tier(tier)
             if inflight is not None:

@@ -8,7 +8,10 @@ Threads:
   `COMPLETE_FINAL`) and records timings. It never blocks and never calls back into the
   engine: aborts it needs go to a queue.
 - The poller thread (owned here) aborts requests whose client cancelled (`is_cancelled()`)
-  or whose response could not be sent, and flushes metrics from `engine.stats()`.
+  or whose response could not be sent, and flushes metrics from `engine.stats()`. It makes
+  no `pb` call before Triton's first `execute`: a stub whose own thread called into
+  `pb_utils` while `initialize` was still running has aborted (the router's, with
+  boost::interprocess::lock_exception), so until then the poller only forwards aborts.
 
 The engine owns its KV pool; this class owns only the map of in-flight requests.
 """
@@ -101,6 +104,7 @@ class WorkerModel:
         self._lock = threading.Lock()
         self._to_abort: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
+        self._serving = threading.Event()  # set by the first execute: initialize has returned
         self._poller = threading.Thread(target=self._poll_loop, name=f"{name}-poller", daemon=True)
 
     def start(self) -> None:
@@ -120,9 +124,14 @@ class WorkerModel:
             except BaseException:
                 self.engine.shutdown()
                 raise
+        if self.metrics is not None:
+            # On initialize's own thread: a replacement for a killed stub inherits the dead
+            # one's metrics (same labels), stale until the poller's first flush.
+            self.metrics.flush(self.engine.stats(), inflight=0)
         self._poller.start()
 
     def execute(self, requests: list[Any]) -> None:
+        self._serving.set()
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -211,6 +220,8 @@ class WorkerModel:
         while not self._stop.wait(self.poll_s):
             while self._to_abort:
                 self.engine.abort(self._to_abort.popleft())
+            if not self._serving.is_set():
+                continue  # no pb call yet (see the module docstring)
             with self._lock:
                 entries = list(self._inflight.items())
             for request_id, entry in entries:

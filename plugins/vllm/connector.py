@@ -187,7 +187,9 @@ class TridentConnector(KVConnectorBase_V1):
             return False, None
         from vllm.v1.request import RequestStatus
 
-        done = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        # Only a prompt whose generation goes on (its one token hit the length cap) is leased:
+        # after EOS or a stop id as the first token nobody pulls it.
+        done = request.status == RequestStatus.FINISHED_LENGTH_CAPPED
         if not (done and hold.complete) or self._bridge.exporter is None:
             self._bridge.unreserve(hold.staging)
             return False, None

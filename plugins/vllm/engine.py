@@ -140,8 +140,9 @@ class VllmEngine(Engine):
         if self._stats_logger is None:
             return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         stats = self._stats_logger.snapshot()
-        held = self._bridge.held_blocks() if self._bridge is not None else 0
-        return dataclasses.replace(stats, held_blocks=held) if held != stats.held_blocks else stats
+        if self._bridge is None:
+            return stats
+        return dataclasses.replace(stats, held_blocks=self._bridge.held_blocks(), leases=self._bridge.num_leases())
 
     def _post(self, kind: str, item: object) -> None:
         with self._lock:
@@ -191,6 +192,8 @@ class VllmEngine(Engine):
             elif item in self._sinks:
                 self._llm.abort_request([item])
                 self._finish(item, (), FINISH_ABORT)
+            elif self._bridge is not None:  # a finished prefill the router will not hand over
+                self._bridge.revoke(item)  # type: ignore[arg-type]
 
     def _add(self, request: GenerateRequest, sink: ChunkSink) -> None:
         from plugins.vllm.setup import sampling_params

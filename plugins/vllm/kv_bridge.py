@@ -138,6 +138,15 @@ class KVBridge:
     def held_blocks(self) -> int:
         return self.exporter.held_blocks() if self.exporter is not None else 0
 
+    def revoke(self, request_id: str) -> None:
+        """End the lease of a prefill the router will not hand over; its staging blocks are free."""
+        if self.exporter is not None:
+            for blocks in self.exporter.revoke(request_id):
+                self._free.extend(blocks)
+
+    def num_leases(self) -> int:
+        return self.exporter.num_leases() if self.exporter is not None else 0
+
     # -- vLLM's cache (worker half) ------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """vLLM's per-layer caches, in layer order. vLLM's CPU attention keeps a layer as

@@ -23,10 +23,14 @@ The `Orchestrator` calls this on the request's thread once the decode worker is 
    fails and the pool no longer finds it ready: `WorkerSelector.is_gone`) -> the decode
    worker prefills locally, as when no prefill worker is ready at all. Any other prefill
    failure raises `EngineError` naming the prefill worker; no lease exists then. A decode
-   failure after a successful prefill raises `EngineError` too: the decode worker releases
+   failure after a successful prefill names both workers: `WorkerUnavailable` when the
+   decode worker is lost, `KvHandoffLost` when it failed before its first token (the
+   orchestrator migrates both), else `EngineError`. The decode worker releases
    the lease after its pull, and a lease nobody pulls expires after the prefill worker's
-   `lease_ttl_s` (so a decode worker that dies mid-handoff strands no prefill blocks). So
-   does the lease of a request that ends with its first token (EOS, a stop string, a cancel).
+   `lease_ttl_s` (so a decode worker that dies mid-handoff strands no prefill blocks). A
+   request that a stop string or a cancel ends at its first token sends the prefill worker an
+   abort, which revokes its lease at once; after EOS or a stop id as the first token the
+   prefill engine takes no lease at all.
 4. `Route.close()` (the orchestrator's `finally`; idempotent) returns the prefill slot: the
    in-flight count and the prefill selector's pending load for the request.
 
@@ -43,7 +47,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from router_ensemble.orchestration.ports import ChunkStream, WorkerClient, WorkerSelector
-from trident.core.errors import ConfigError, EngineError, TridentError, WorkerUnavailable
+from trident.core.errors import (
+    ConfigError,
+    EngineError,
+    KvHandoffLost,
+    TridentError,
+    WorkerUnavailable,
+)
 from trident.core.settings import load_settings
 from trident.core.types import FINISH_LENGTH, GenerateRequest, SamplingParams, TokenChunk
 
@@ -241,21 +251,34 @@ class Route:
         finally:
             self.close()
         if final.finish_reason != FINISH_LENGTH:
-            # EOS / a stop token as the first token, or an abort: the request ends here. A
-            # lease taken for a stopped request is never pulled and expires on the prefill side.
+            # EOS / a stop token as the first token (no lease was taken), or an abort: the
+            # request ends here.
             yield replace(final, output_ids=tokens)
             return
         first = TokenChunk(request.request_id, tokens, False, None, final.num_input_tokens, final.cached_tokens)
-        yield first  # the client gets the first token now, before decode starts
+        try:
+            yield first  # the client gets the first token now, before decode starts
+        except GeneratorExit:  # a stop string or a cancel at the first token: nobody pulls
+            prefill_client.abort(prefill, request.request_id)  # the prefill worker frees the lease now
+            raise
         decode_request = replace(request, kv_descriptor=final.kv_descriptor, first_token=tokens[0])
+        decoded = False
         try:
             for chunk in client.generate(self.decode, decode_request):
+                decoded = decoded or bool(chunk.output_ids)
                 yield replace(chunk, cached_tokens=final.cached_tokens)
         except TridentError as exc:
-            raise EngineError(
+            message = (
                 f"decode worker {self.decode} failed after prefill on {prefill}: {exc} "
-                f"(request_id={request.request_id}; the prefill worker's KV lease expires unpulled)"
-            ) from exc
+                f"(request_id={request.request_id})"
+            )
+            if not decoded:  # the lease may be unpulled: free it now rather than at its expiry
+                prefill_client.abort(prefill, request.request_id)
+            if isinstance(exc, WorkerUnavailable):
+                raise type(exc)(message) from exc  # the decode worker is lost: the orchestrator migrates
+            if not decoded:
+                raise KvHandoffLost(message) from exc
+            raise EngineError(message) from exc
 
     def _gone(self, prefill: str, exc: TridentError) -> bool:
         """Whether a failed prefill call means the worker went away (then: prefill locally).

@@ -40,3 +40,10 @@ class EngineWorkerClient:
                 engine.abort(request.request_id)
                 while not chunks.get(timeout=self.timeout_s).finished:
                     pass
+
+    def abort(self, worker: str, request_id: str) -> None:
+        """Abort `request_id` on `worker` (no-op if it finished; a finished prefill's lease
+        is revoked)."""
+        engine = self.engines.get(worker)
+        if engine is not None:
+            engine.abort(request_id)

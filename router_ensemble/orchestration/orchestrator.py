@@ -12,9 +12,9 @@
    otherwise; the last carries `finish_reason` ("stop" | "length" | "abort");
 5. polls `is_cancelled` between chunks; on cancellation or a stop string it closes the
    worker stream, which aborts the request on the worker so its KV blocks are freed;
-6. when the decode worker fails before the first token and its pool no longer finds it
-   ready (the planner unloaded it just after it was selected), selects another one
-   (`MAX_WORKER_RETRIES`), so a removal never fails a request the client has not seen start.
+6. when a worker is lost (it died, froze, was unloaded or drained, or its node went down),
+   before or during the stream, resends the request to another worker with the tokens
+   generated so far (`router_ensemble.orchestration.migration`); the client sees one stream.
 
 Threads: `run` blocks for the life of one request and is called on one request thread per
 request; an `Orchestrator` holds no per-request state, so any number of requests run at once.
@@ -30,23 +30,23 @@ import uuid
 from collections.abc import Callable
 
 from router_ensemble.orchestration.disagg import Disaggregator, Route
+from router_ensemble.orchestration.migration import Migration, resumed
 from router_ensemble.orchestration.ports import WorkerClient, WorkerSelector
 from router_ensemble.text.stop_strings import StopStringMatcher
 from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
-from trident.core.errors import EngineError, TridentError, ValidationError, WorkerUnreachable
+from trident.core.errors import EngineError, TridentError, ValidationError, WorkerAborted
 from trident.core.router_io import RouterDelta, RouterRequest
-from trident.core.types import FINISH_ABORT, FINISH_STOP, GenerateRequest, TokenChunk
+from trident.core.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenChunk
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[RouterDelta], None]
-MAX_WORKER_RETRIES = 2  # decode workers tried after the first one went away unanswered
 
 
 class _Stream:
     """Per-request output state: detokenizer, stop matcher, what is not yet emitted."""
 
-    __slots__ = ("detok", "matcher", "worker", "input_tokens", "cached", "total", "text", "ids", "stopped")
+    __slots__ = ("detok", "matcher", "worker", "input_tokens", "cached", "total", "text", "ids", "generated", "stopped")
 
     def __init__(self, detok: IncrementalDetokenizer, matcher: StopStringMatcher, worker: str, input_tokens: int) -> None:
         self.detok = detok
@@ -56,12 +56,14 @@ class _Stream:
         self.cached = 0
         self.total = 0
         self.text: list[str] = []
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # not yet emitted
+        self.generated: list[int] = []  # every output token, from every worker that served it
         self.stopped = False
 
     def add(self, chunk: TokenChunk) -> None:
         self.cached = max(self.cached, chunk.cached_tokens)
         self.ids.extend(chunk.output_ids)
+        self.generated.extend(chunk.output_ids)
         self.total += len(chunk.output_ids)
         if not self.stopped and chunk.output_ids:
             self._feed(self.detok.add(chunk.output_ids))
@@ -107,6 +109,7 @@ class Orchestrator:
         cancel_poll_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         disagg: Disaggregator | None = None,
+        migration: Migration | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.selector = selector
@@ -114,6 +117,7 @@ class Orchestrator:
         self.cancel_poll_s = cancel_poll_s
         self.clock = clock
         self.disagg = disagg  # None: every prompt is prefilled by its decode worker
+        self.migration = migration or Migration()
 
     def prompt_ids(self, request: RouterRequest) -> tuple[int, ...]:
         if request.input_ids is not None:
@@ -131,22 +135,39 @@ class Orchestrator:
         """Serve one request, calling `emit` for each response; returns the final delta.
 
         Raises `TridentError` (validation or worker failure) before or during streaming; the
-        caller turns it into a Triton error response.
+        caller turns it into a Triton error response. A worker lost on the way is replaced
+        (`migration`) without the client seeing a break.
         """
         ids = self.prompt_ids(request)
-        request_id = uuid.uuid4().hex
+        base_id = uuid.uuid4().hex
+        generate = GenerateRequest(request_id=base_id, input_ids=ids, sampling=request.sampling)
+        state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), "", len(ids))
         exclude: tuple[str, ...] = ()
+        moved, local_only = 0, False
         while True:
-            route, state = self._start(request, ids, request_id, exclude)
+            request_id = base_id if not moved else f"{base_id}.{moved}"
+            attempt = resumed(generate, request_id, tuple(state.generated)) if moved else generate
+            route = self._start(request, attempt, exclude, local_only, state)
             try:
-                generate = GenerateRequest(request_id=request_id, input_ids=ids, sampling=request.sampling)
-                reason = self._stream_chunks(route, generate, state, emit if request.stream else None, is_cancelled)
+                reason = self._stream_chunks(route, attempt, state, emit if request.stream else None, is_cancelled)
                 break
             except TridentError as exc:
-                if not self._may_retry(route, state, exclude, exc):
+                cause = self._migration_cause(route, state, exc, moved)
+                if cause is None:
                     raise
-                logger.info("request_id=%s: worker %s went away before answering; choosing another", request_id, route.label)
-                exclude += (route.decode,)
+                moved += 1
+                self.migration.record(cause)
+                logger.warning(
+                    "request_id=%s: %s (%s); migrating after %d tokens (move %d)",
+                    base_id, exc, cause, len(state.generated), moved,
+                )
+                if cause == "kv_handoff":
+                    local_only = True  # a decode worker recomputes the prompt
+                else:
+                    exclude += (route.decode,)
+                if len(state.generated) >= request.sampling.max_tokens:
+                    reason = FINISH_LENGTH  # the lost worker had produced every token
+                    break
             finally:
                 route.close()
                 self.selector.release(request_id)
@@ -159,14 +180,16 @@ class Orchestrator:
         return final
 
     def _start(
-        self, request: RouterRequest, ids: tuple[int, ...], request_id: str, exclude: tuple[str, ...]
-    ) -> tuple[Route, _Stream]:
-        """Select a decode worker (outside `exclude`) and route the request to it."""
+        self, request: RouterRequest, attempt: GenerateRequest, exclude: tuple[str, ...], local_only: bool,
+        state: _Stream,
+    ) -> Route:
+        """Select a decode worker (outside `exclude`) and route the attempt to it."""
         t1 = self.clock()
+        ids, request_id = attempt.input_ids, attempt.request_id
         selection = self.selector.select(request_id, ids, exclude)
         try:
-            route = Route(selection.worker) if self.disagg is None else self.disagg.route(
-                request_id, selection.worker, ids, selection.cached_tokens, request.sampling
+            route = Route(selection.worker) if self.disagg is None or local_only else self.disagg.route(
+                request_id, selection.worker, ids, selection.cached_tokens, attempt.sampling
             )
         except BaseException:
             self.selector.release(request_id)
@@ -175,20 +198,20 @@ class Orchestrator:
             "request_id=%s client_id=%s -> worker=%s (%d prompt tokens; select %.1f ms)",
             request_id, request.request_id, route.label, len(ids), (self.clock() - t1) * 1e3,
         )
-        return route, _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), route.label, len(ids))
+        state.worker = route.label
+        return route
 
-    def _may_retry(self, route: Route, state: _Stream, exclude: tuple[str, ...], exc: TridentError) -> bool:
-        """A failed decode worker may be replaced while the client has seen nothing: the
-        call failed before any token and either never reached the worker (its node is down:
-        `WorkerUnreachable`) or the pool no longer finds the worker ready (it was unloaded
-        between selection and the call, e.g. by the planner). At most `MAX_WORKER_RETRIES`
-        times per request."""
-        return (
-            state.total == 0
-            and len(exclude) < MAX_WORKER_RETRIES
-            and route.decode not in exclude
-            and (isinstance(exc, WorkerUnreachable) or self.selector.is_gone(route.decode))
-        )
+    def _migration_cause(self, route: Route, state: _Stream, exc: TridentError, moved: int) -> str | None:
+        """Why the failed attempt moves to another worker, or None (the error then ends the
+        request; when only a limit stopped it, the error says which)."""
+        cause = self.migration.cause_of(exc, self.selector.is_gone(route.decode))
+        if cause is None or state.stopped:
+            return None
+        why_not = self.migration.refusal(moved, state.input_tokens + len(state.generated))
+        if why_not is not None:
+            exc.args = (f"{exc} (not migrated: {why_not})",)
+            return None
+        return cause
 
     def _stream_chunks(
         self,
@@ -208,6 +231,10 @@ class Orchestrator:
                 if state.stopped:
                     return FINISH_STOP
                 if chunk.finished:
+                    if chunk.finish_reason == FINISH_ABORT:  # the router did not ask for it
+                        raise WorkerAborted(
+                            f"worker {route.label} ended request {request.request_id} on its own (it is shutting down)"
+                        )
                     return chunk.finish_reason or FINISH_STOP
                 if emit is not None and state.has_text():
                     emit(state.take())

@@ -28,6 +28,9 @@ from trident.core.worker_io import (
 
 logger = logging.getLogger(__name__)
 
+# Triton's answer to a request for a model whose stub process died (until it is reloaded).
+_STUB_DEAD = "is not healthy"
+
 
 # A finished BLS response iterator keeps every response it received, and the numpy arrays of
 # their tensors. Whoever drops the last reference destroys them: if that is the stub's C++
@@ -77,7 +80,10 @@ class BlsWorkerClient:
             for response in responses:
                 if response.has_error():
                     finished = True  # an error response is the worker's last
-                    raise EngineError(response.error().message())
+                    message = response.error().message()
+                    if _STUB_DEAD in message:  # the worker's stub was killed: another may serve
+                        raise WorkerUnavailable(f"worker {worker}: {message}")
+                    raise EngineError(message)
                 arrays = {t.name(): t.as_numpy() for t in response.output_tensors()}
                 if not arrays:  # the flag-only COMPLETE_FINAL of a decoupled stream
                     continue

@@ -14,7 +14,9 @@ pool it routes, `decode` or `prefill`):
   reported for finished requests (prompt tokens, and those served from the prefix cache);
 - `trident_router_cache_hit_rate{kind}`: `predicted` (overlap / prompt blocks) and `served`
   (cached / prompt tokens) since the router started;
-- `trident_router_live_workers`: workers the router currently routes to.
+- `trident_router_live_workers`: workers the router currently routes to;
+- `trident_router_migrations_total{cause}` (no `pool` label): requests moved to another
+  worker after theirs was lost (`orchestration.migration` names the causes).
 
 Request threads append decisions to a deque (`observe`); `flush()` runs on a request thread
 once its final response is out (`RouterModel`, one flush at a time) and turns
@@ -51,8 +53,12 @@ class RoutingMetricsExporter:
     """Metric families of one router model instance, for each pool it routes. Created in
     `initialize` (inside a stub, `pb` = its `triton_python_backend_utils`)."""
 
-    def __init__(self, pb: Any, router_name: str, pools: Mapping[str, KvRouter]) -> None:
+    def __init__(
+        self, pb: Any, router_name: str, pools: Mapping[str, KvRouter],
+        migrations: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self.pools = dict(pools)
+        self.migrations = migrations  # Migration.counts: cause -> requests moved
         self._labels = {"router": router_name}
         self._pending: collections.deque[tuple[str, Decision]] = collections.deque()
         self._families: dict[str, Any] = {}
@@ -63,6 +69,7 @@ class RoutingMetricsExporter:
             "trident_router_decision_seconds": ("HISTOGRAM", "Time of one routing decision, by phase"),
             "trident_router_cache_hit_rate": ("GAUGE", "Prefix-cache hit rate since start (predicted, served)"),
             "trident_router_live_workers": ("GAUGE", "Workers the router currently routes to"),
+            "trident_router_migrations_total": ("COUNTER", "Requests moved to another worker after theirs was lost"),
             **{name: ("COUNTER", description) for name, (_, description) in _COUNTERS.items()},
         }
         for name, (kind, description) in kinds.items():
@@ -82,6 +89,8 @@ class RoutingMetricsExporter:
                     self._metric("trident_router_decision_seconds", pool=pool, phase=phase).observe(us / 1e6)
             for pool, router in self.pools.items():
                 self._flush_pool(pool, router)
+            for cause, count in self.migrations().items():
+                self._increment("trident_router_migrations_total", float(count), cause=cause)
         except Exception as exc:  # metrics must never take routing down
             logger.warning("routing metrics flush failed: %s", exc)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router_ensemble.orchestration.disagg import DisaggConfig, Disaggregator
+from router_ensemble.orchestration.migration import Migration, MigrationConfig
 from router_ensemble.orchestration.orchestrator import Orchestrator
 from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import WorkerDirectory
@@ -78,11 +79,13 @@ def _env_key(key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
     """Everything the router model reads from its parameters and the environment, parsed once:
-    its own keys, the routing policy (`RoutingConfig`, both pools) and disaggregation."""
+    its own keys, the routing policy (`RoutingConfig`, both pools), disaggregation, request
+    migration and the node."""
 
     model: RouterModelConfig
     routing: RoutingConfig
     disagg: DisaggConfig
+    migration: MigrationConfig
     node: NodeConfig
 
     @classmethod
@@ -91,6 +94,7 @@ class RouterSettings:
             load_settings(RouterModelConfig, params, env, env_key=_env_key),
             RoutingConfig.from_mapping(params, env),
             DisaggConfig.from_mapping(params, env),
+            MigrationConfig.from_mapping(params, env),
             NodeConfig.from_mapping(params, env),
         )
 
@@ -130,7 +134,10 @@ class RouterModel:
             "decode": PoolRouting(decode_dir, settings.routing, socket_dir, remote=self.remote),
             "prefill": PoolRouting(prefill_dir, settings.routing, socket_dir, remote=self.remote),
         }
-        self.exporter = RoutingMetricsExporter(pb, name, {p: r.router for p, r in self.pools.items()})
+        migration = Migration(settings.migration)
+        self.exporter = RoutingMetricsExporter(
+            pb, name, {p: r.router for p, r in self.pools.items()}, migrations=migration.counts
+        )
         for pool, routing in self.pools.items():
             routing.selector.on_decision = self.exporter.observer(pool)
             routing.start()
@@ -141,6 +148,7 @@ class RouterModel:
             decode.watch(client),
             cancel_poll_s=settings.model.cancel_poll_ms / 1000.0,
             disagg=Disaggregator(settings.disagg, prefill.selector, prefill.watch(client)),
+            migration=migration,
         )
         self.pool = ThreadPoolExecutor(
             max_workers=settings.model.max_concurrency, thread_name_prefix=f"{name}-req"

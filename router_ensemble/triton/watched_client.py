@@ -113,7 +113,8 @@ class WatchedWorkerClient:
                 except queue.Empty:
                     silent = time.monotonic() - last
                     if silent >= self.stall_s and self.removals(worker) != epoch:
-                        gone = True  # nothing to abort or wait for
+                        gone = True  # nothing to wait for; a frozen worker that resumes
+                        stop.set()  # sends its next chunk to the helper, which then aborts
                         raise WorkerUnavailable(
                             f"worker {worker} went away while serving request {request.request_id} "
                             f"(no response for {silent:.1f}s)"

@@ -49,6 +49,19 @@ def keyed_frontend(triton_server: ServerInfo) -> Iterator[BackgroundFrontend]:  
         frontend.stop()
 
 
+LIMITED = {"max_streams_per_key": 2, "max_body_bytes": 4096}
+
+
+@pytest.fixture(scope="session")
+def limited_frontend(triton_server: ServerInfo) -> Iterator[BackgroundFrontend]:  # noqa: F811
+    """A keyed frontend with small limits (`LIMITED`), for tests/frontend/test_limits.py."""
+    frontend = start_frontend(triton_server, api_key=API_KEY, **LIMITED)
+    try:
+        yield frontend
+    finally:
+        frontend.stop()
+
+
 @pytest.fixture(scope="session")
 def base_url(frontend_server: BackgroundFrontend) -> str:
     return frontend_server.base_url

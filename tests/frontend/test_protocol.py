@@ -53,6 +53,23 @@ def test_malformed_json_is_a_400(raw: bytes, code: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # json's own stack runs out
+        b'{"model": "m", "max_tokens": 1' + b"0" * 5000 + b"}",  # int() refuses 4,300+ digits
+    ],
+    ids=["deep", "digits"],
+)
+def test_json_that_python_cannot_parse_is_a_400_not_a_500(raw: bytes) -> None:
+    assert _reject(raw).code == "invalid_json"
+
+
+def test_json_nested_past_the_limit_names_the_field() -> None:
+    deep = _reject(_chat(user=json.loads("[" * 70 + "]" * 70)))
+    assert deep.param.startswith("user") and "nested deeper than 64 levels" in deep.message
+
+
+@pytest.mark.parametrize(
     ("overrides", "param"),
     [
         ({"max_tokens": "10"}, "max_tokens"),
@@ -74,6 +91,15 @@ def test_malformed_json_is_a_400(raw: bytes, code: str) -> None:
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        # INT32 inputs: numpy would wrap these silently (2**40 tokens became 0, top_k 2**40 off)
+        ({"max_tokens": 2**40}, "max_tokens"),
+        ({"max_completion_tokens": 2**31}, "max_completion_tokens"),
+        ({"min_tokens": 2**40}, "min_tokens"),
+        ({"top_k": 2**40}, "top_k"),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        ({"user": "a\udfffb"}, "user"),
+        ({"stream_options": {"\ud800": True}}, "stream_options"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),

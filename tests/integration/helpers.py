@@ -4,8 +4,10 @@ trident.router_client)."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -69,3 +71,28 @@ def call_worker(grpc_url: str, model: str, **inputs: Any) -> list[dict[str, np.n
     finally:
         client.stop_stream()
         client.close()
+
+
+def stub_pid(launcher: Any, model: str) -> int:
+    """The pid of the Python-backend stub serving `model` (instance 0) under `launcher`."""
+    from trident.launcher import group_pids
+
+    assert launcher._proc is not None
+    for pid in group_pids(launcher._proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in cmdline and f" {model}_0_0 " in cmdline:
+            return pid
+    raise AssertionError(f"no stub process for {model}")
+
+
+def orphan_kv_segments() -> list[str]:
+    """KV pool segments in /dev/shm whose creating process is dead (leaked by a killed worker)."""
+    out = []
+    for name in os.listdir("/dev/shm"):
+        match = re.fullmatch(r"trident_kv_([0-9]+)_[0-9a-f]{32}", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            out.append(name)
+    return out

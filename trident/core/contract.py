@@ -13,7 +13,9 @@ the tensors are listed; everything else derives from them:
 
 `Contract.read` turns the numpy arrays of a request or response into typed Python values
 (int, finite float, bool, UTF-8 text, raw bytes, or tuples of those for dims [-1]) and raises
-`ValidationError(field, ...)` naming the bad tensor; `Contract.encode` does the reverse.
+`ValidationError(field, ...)` naming the bad tensor; `Contract.encode` does the reverse,
+refusing (with the same error) a value that would not arrive intact: an integer outside
+the datatype's range, a float beyond FP32's, text with a lone surrogate.
 Whether a well-typed value makes sense (max_tokens > 0, ...) is for the parsers to judge.
 """
 
@@ -39,6 +41,8 @@ _NUMPY = {
     "BYTES": np.object_,  # config.pbtxt's TYPE_STRING
 }
 _INTEGERS = frozenset({"INT32", "INT64", "UINT64"})
+_INT_RANGES = {"INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1), "UINT64": (0, 2**64 - 1)}
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +93,14 @@ class TensorSpec:
     def encode(self, value: Any) -> np.ndarray:
         """`value` (one value, or a list/tuple/array of them) as a 1-D array of this datatype.
 
-        Shapes are not checked here: the server refuses a tensor that does not fit `dims`.
+        Each value must fit the datatype as it is: numpy would wrap 2**40 to 0 in an INT32
+        or round 1.7 to 1, so those raise `ValidationError` instead. An array already of
+        this datatype is sent as it is. Shapes are not checked here: the server refuses a
+        tensor that does not fit `dims`.
         """
         if isinstance(value, np.ndarray):
+            if value.dtype == self.numpy_dtype and self.datatype != "BYTES":
+                return value.reshape(-1)
             items: list[Any] = list(value.reshape(-1))
         elif isinstance(value, (list, tuple)):
             items = list(value)
@@ -99,10 +108,33 @@ class TensorSpec:
             items = [value]
         if self.datatype == "BYTES":
             return np.array([self._bytes_of(v) for v in items], dtype=np.object_).reshape(-1)
-        try:
-            return np.array(items, dtype=self.numpy_dtype).reshape(-1)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ValidationError(self.name, f"cannot be sent as {self.datatype}: {exc}") from None
+        problem = self._unfit(items)
+        if problem:
+            raise ValidationError(self.name, f"cannot be sent as {self.datatype}: {problem}")
+        return np.array(items, dtype=self.numpy_dtype).reshape(-1)
+
+    def _unfit(self, items: list[Any]) -> str | None:
+        """Why `items` cannot be stored exactly in this (numeric or BOOL) datatype, or None."""
+        if self.datatype in _INTEGERS:
+            for v in items:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                    return f"{_short(v)} is not an integer"
+            low, high = _INT_RANGES[self.datatype]
+            outside = [v for v in (min(items, default=0), max(items, default=0)) if not low <= v <= high]
+            return f"{_short(outside[0])} is outside [{low}, {high}]" if outside else None
+        if self.datatype == "FP32":
+            for v in items:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                    return f"{_short(v)} is not a number"
+                if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+                    return f"{_short(v)} is not finite"
+                if abs(v) > _FP32_MAX:
+                    return f"{_short(v)} is outside the FP32 range"
+            return None
+        for v in items:  # BOOL
+            if not isinstance(v, (bool, np.bool_)) and not (isinstance(v, (int, np.integer)) and v in (0, 1)):
+                return f"{_short(v)} is not a boolean"
+        return None
 
     def _item(self, value: Any) -> Any:
         name = self.name
@@ -138,10 +170,19 @@ class TensorSpec:
 
     def _bytes_of(self, value: Any) -> bytes:
         if isinstance(value, str):
-            return value.encode("utf-8")
+            try:
+                return value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, e.g. from JSON's "\ud800"
+                raise ValidationError(self.name, "is not valid Unicode text (lone surrogate)") from None
         if isinstance(value, (bytes, np.bytes_)):
             return bytes(value)
         raise ValidationError(self.name, f"must be a string or bytes, got {type(value).__name__}")
+
+
+def _short(value: Any) -> str:
+    """`repr(value)` cut to a length an error message can carry."""
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Contract(Mapping[str, TensorSpec]):
@@ -285,6 +326,8 @@ WORKER_INPUTS = Contract("worker", "input", (
                doc="decode: pull the prompt's KV from the prefill worker it describes"),
     TensorSpec("first_token", "INT32",
                doc="decode, with kv_descriptor: the token prefill sampled (not sent again; max_tokens counts it)"),
+    TensorSpec("output_offset", "INT32", default=0,
+               doc="a migrated request: its last N prompt tokens are outputs already generated (seeded sampling continues)"),
 ))
 
 # Every response carries every output.

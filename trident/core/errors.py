@@ -50,3 +50,13 @@ class WorkerUnreachable(WorkerUnavailable):
 
 class ConfigError(TridentError, ValueError):
     """A configuration value (config.pbtxt parameter, CLI flag, env var) is invalid."""
+
+
+class WorkerAborted(WorkerUnavailable):
+    """The worker ended a request on its own before it finished: it is shutting down
+    (unloaded, or drained past its timeout). Another worker may continue it."""
+
+
+class KvHandoffLost(WorkerUnavailable):
+    """The decode worker failed before its first token after a remote prefill (the prefill
+    worker's KV could not be pulled): a decode worker may recompute the prompt."""

@@ -85,14 +85,59 @@ def parse_router_inputs(arrays: Arrays) -> RouterRequest:
 
 
 def check_parameters(parameters: Mapping[str, Any]) -> None:
-    """Reject request parameters the router does not know.
+    """Reject request parameters: the router reads inputs only.
 
     Triton's HTTP generate extension turns JSON fields that are not model inputs into
     request parameters, so a misspelt input arrives here instead of being refused by the
-    server; parameters Triton itself sets start with "triton_".
+    server. A gRPC client can also send a parameter that has an input's name
+    (`max_tokens`), which the router would otherwise ignore without a word. Parameters
+    Triton itself sets start with "triton_".
     """
     for name in sorted(k for k in parameters if not k.startswith("triton_")):
         ROUTER_INPUTS.spec(name)  # raises ValidationError naming an unknown input
+        raise ValidationError(name, "was sent as a request parameter; send it as an input tensor")
+
+
+# Deeper JSON than any chat needs is refused before it reaches the chat template.
+MAX_JSON_DEPTH = 64
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, str] | None:
+    """The first place in parsed JSON that cannot travel on as text, as (path, reason).
+
+    Python's `json` accepts two things UTF-8 text cannot carry on: lone surrogates from
+    escapes like "\\ud800" (in keys too), which the tokenizer and every UTF-8 encoder
+    refuse, and nesting deep enough to exhaust the stack of whatever walks it next. Paths
+    read like `[0].content` (empty for the top level). Iterative, so any depth is safe.
+    Called by `parse_messages` here and by the OpenAI frontend's body parser.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not _is_utf8(item):
+                return path, "is not valid Unicode text (lone surrogate)"
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= max_depth:
+            return path, f"is nested deeper than {max_depth} levels"
+        if isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item))))
+            continue
+        for key, v in reversed(list(item.items())):
+            if not _is_utf8(key):
+                return path, "has a key that is not valid Unicode text (lone surrogate)"
+            stack.append((v, f"{path}.{key}" if path else key, depth + 1))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
@@ -101,6 +146,12 @@ def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
         value = json.loads(raw)
     except ValueError as exc:
         raise ValidationError("messages", f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValidationError("messages", f"is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    problem = json_problem(value)
+    if problem is not None:
+        where, reason = problem
+        raise ValidationError("messages", f"{where or 'the JSON'} {reason}")
     if isinstance(value, dict) and isinstance(value.get("messages"), list):
         value = value["messages"]  # tolerate a whole chat-completions body
     if not isinstance(value, list) or not value:

@@ -26,6 +26,12 @@ _SAMPLING_FIELDS = (
 )
 
 
+# A positive temperature below this samples greedily, as in vLLM (its _SAMPLING_EPS). The
+# engine divides the logits by the temperature: at 1e-38 they overflow to inf and softmax
+# turns them into NaNs, which would fail every request batched with this one.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class AbortCommand:
     """A worker request that asks to abort another request (sent by the router)."""
@@ -42,11 +48,16 @@ def sampling_values(sampling: SamplingParams) -> dict[str, Any]:
 def sampling_params(values: Mapping[str, Any]) -> SamplingParams:
     """SamplingParams from read input values (`Contract.read(..., defaults=True)`), validated.
 
-    `random_seed` (the router's TensorRT-LLM alias) stands in for an absent `seed`.
+    `random_seed` (the router's TensorRT-LLM alias) stands in for an absent `seed`; a
+    temperature in (0, GREEDY_BELOW_TEMPERATURE) becomes 0 (greedy). Called on both ends
+    of every hop (`parse_router_inputs`, `parse_generate_inputs`).
     """
     fields = {name: values[name] for name in _SAMPLING_FIELDS}
     if fields["seed"] is None:
         fields["seed"] = values.get("random_seed")
+    temperature = fields["temperature"]
+    if isinstance(temperature, float) and 0.0 < temperature < GREEDY_BELOW_TEMPERATURE:
+        fields["temperature"] = 0.0
     params = SamplingParams(**fields)
     params.validate()
     return params
@@ -69,6 +80,7 @@ def encode_generate_inputs(request: GenerateRequest) -> dict[str, np.ndarray]:
             "hold_kv": True if request.hold_kv else None,
             "kv_descriptor": request.kv_descriptor,
             "first_token": None if request.kv_descriptor is None else request.first_token or 0,
+            "output_offset": request.output_offset or None,
         }
     )
 
@@ -99,6 +111,7 @@ def parse_generate_inputs(arrays: Arrays, default_request_id: str) -> GenerateRe
         hold_kv=values["hold_kv"],
         kv_descriptor=kv_descriptor,
         first_token=first_token,
+        output_offset=values["output_offset"],
     )
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import gc
 import os
+import secrets
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +122,26 @@ def test_cuda_pool_without_cuda_is_refused():
 
     with pytest.raises(ConfigError, match="device: 'cuda'.*no CUDA"):
         allocate_pool(LAYOUT, 2, "cuda", shareable=True)
+
+
+def test_a_new_pool_removes_segments_of_killed_workers():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (a killed worker's)
+
+    def segment(pid: int) -> str:
+        name = f"trident_kv_{pid}_{secrets.token_hex(16)}"
+        os.close(_posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600))
+        return name
+
+    orphan, live = segment(dead.pid), segment(os.getpid())
+    other = f"unrelated_{secrets.token_hex(4)}"
+    os.close(_posixshmem.shm_open("/" + other, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600))
+    try:
+        pool = ShmPool(LAYOUT, 4)
+        assert not os.path.exists(f"/dev/shm/{orphan}")
+        assert os.path.exists(f"/dev/shm/{live}") and os.path.exists(f"/dev/shm/{other}")
+        pool.close()
+    finally:
+        for name in (orphan, live, other):
+            if os.path.exists(f"/dev/shm/{name}"):
+                _posixshmem.shm_unlink("/" + name)

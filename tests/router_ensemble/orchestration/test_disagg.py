@@ -19,6 +19,7 @@ from router_ensemble.routing.config import RoutingConfig
 from router_ensemble.routing.directory import RoundRobinSelector, WorkerDirectory
 from router_ensemble.routing.router import KvRouter, KvSelector
 from router_ensemble.text.tokenizer import load_tokenizer
+from tests.waiting import wait_until
 from trident.core.errors import ConfigError, EngineError, TridentError
 from trident.core.router_io import RouterDelta, RouterRequest
 from trident.core.types import GenerateRequest, SamplingParams, TokenChunk
@@ -208,20 +209,39 @@ def test_prefill_failures_are_clear_errors(tokenizer, engines) -> None:
     assert orch.disagg is not None and orch.disagg.inflight() == {}
 
 
-def test_decode_refusing_the_layout_fails_clearly_and_the_lease_expires(tokenizer, engines, tiny_model_dir) -> None:
+def test_decode_refusing_the_layout_recomputes_the_prompt_and_revokes_the_lease(tokenizer, engines, tiny_model_dir) -> None:
     other = _engine(tiny_model_dir, "decode_8", block_size=8)  # another layout: the fingerprint differs
     try:
-        orch = _orchestrator(tokenizer, {**engines, "decode_8": other}, decode="decode_8")
-        with pytest.raises(EngineError) as err:
-            _run(orch, PROMPTS[1], 4)
-        message = str(err.value)
-        assert "decode worker decode_8 failed after prefill on prefill" in message
-        assert "KV layout mismatch" in message and "block_size=4" in message and "block_size=8" in message
-        assert engines["prefill"].stats().held_blocks > 0  # nobody pulled: still leased ...
-        assert _wait_unheld(engines["prefill"]), "... until the lease expires"
+        log: list = []
+        orch = _orchestrator(tokenizer, {**engines, "decode_8": other}, decode="decode_8", log=log)
+        out = _run(orch, PROMPTS[1], 4)
+        # the decode worker refused the handoff before its first token: it recomputed the
+        # prompt (with the first token) itself, and the answer is the aggregated one
+        assert _ids(out) == _ids(_run(_orchestrator(tokenizer, engines, decode="reference", prefill=()), PROMPTS[1], 4))
+        assert orch.migration.counts() == {"kv_handoff": 1}
+        assert [w for kind, w, *_ in log if kind == "call"] == ["prefill", "decode_8", "decode_8"]
+        # nobody pulled: the router revoked the lease instead of leaving it to expire (2.5 s)
+        started = time.monotonic()
+        assert _wait_unheld(engines["prefill"])
+        assert time.monotonic() - started < 1.0
         assert other.stats().active_blocks == 0
     finally:
         other.shutdown()
+
+
+def test_a_cancel_at_the_first_token_revokes_the_lease_at_once(tokenizer, engines) -> None:
+    orch = _orchestrator(tokenizer, engines)
+    out: list[RouterDelta] = []
+    request = RouterRequest(SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), input_ids=PROMPTS[1],
+                            stream=True)
+    orch.cancel_poll_s = 0.0
+    final = orch.run(request, out.append, is_cancelled=lambda: bool(out))  # cancelled once the first token is out
+    assert final.finish_reason == "abort" and len(_ids(out)) == 1
+    # the prefill worker frees the blocks now, not after lease_ttl_s + the expiry grace (2.5 s)
+    started = time.monotonic()
+    wait_until(lambda: engines["prefill"].stats().leases == 0 and engines["prefill"].stats().held_blocks == 0,
+               timeout=5)
+    assert time.monotonic() - started < 1.0
 
 
 def test_saturated_prefill_pool_prefills_locally() -> None:

@@ -180,3 +180,35 @@ def test_specs_refuse_unknown_datatypes() -> None:
         TensorSpec("x", "TYPE_INT32")
     with pytest.raises(ValueError, match="raw applies to BYTES only"):
         TensorSpec("x", "INT32", raw=True)
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("max_tokens", 2**40, "max_tokens: cannot be sent as INT32: 1099511627776 is outside [-2147483648, 2147483647]"),
+        ("input_ids", [1, -(2**31) - 1], "input_ids: cannot be sent as INT32: -2147483649 is outside"),
+        ("seed", -1, "seed: cannot be sent as UINT64: -1 is outside [0, 18446744073709551615]"),
+        ("seed", 2**64, "seed: cannot be sent as UINT64: 18446744073709551616 is outside"),
+        ("max_tokens", 1.7, "max_tokens: cannot be sent as INT32: 1.7 is not an integer"),
+        ("max_tokens", True, "max_tokens: cannot be sent as INT32: True is not an integer"),
+        ("temperature", float("nan"), "temperature: cannot be sent as FP32: nan is not finite"),
+        ("temperature", 1e39, "temperature: cannot be sent as FP32: 1e+39 is outside the FP32 range"),
+        ("temperature", 10**400, "temperature: cannot be sent as FP32: 1000000000000000000000000000000000000..."),
+        ("stream", 2, "stream: cannot be sent as BOOL: 2 is not a boolean"),
+        ("text_input", "\ud800", "text_input: is not valid Unicode text (lone surrogate)"),
+        ("stop", ["ok", "\udfff"], "stop: is not valid Unicode text (lone surrogate)"),
+    ],
+)
+def test_encode_refuses_values_that_would_not_arrive_intact(name: str, value: object, message: str) -> None:
+    """numpy would wrap 2**40 to 0 in an INT32 (a silent max_tokens=0) or round 1.7 to 1."""
+    with pytest.raises(ValidationError) as err:
+        ROUTER_INPUTS.encode({name: value})
+    assert err.value.field == name and str(err.value).startswith(message)
+
+
+def test_encode_takes_arrays_of_its_datatype_as_they_are() -> None:
+    ids = np.array([[1, 2**31 - 1]], np.int32)
+    sent = ROUTER_INPUTS.encode({"input_ids": ids})["input_ids"]
+    assert sent.shape == (2,) and np.shares_memory(sent, ids)  # not copied nor checked again
+    assert ROUTER_INPUTS.encode({"input_ids": np.array([3, 4], np.int64)})["input_ids"].dtype == np.int32
+    assert ROUTER_INPUTS.encode({"stream": 1, "temperature": 2})["temperature"].dtype == np.float32

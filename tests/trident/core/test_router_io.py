@@ -13,6 +13,7 @@ from trident.core.router_io import (
     decode_router_outputs,
     encode_router_inputs,
     encode_router_outputs,
+    json_problem,
     parse_router_inputs,
 )
 from trident.core.types import SamplingParams
@@ -123,3 +124,32 @@ def test_outputs_round_trip() -> None:
     assert empty == RouterDelta("", (), "", 0, 0, 0, "") and not empty.final
     with pytest.raises(ValidationError, match="^text_output: is not valid UTF-8"):
         decode_router_outputs({"text_output": np.array([b"\xe9"], dtype=np.object_)})
+
+
+def test_parameters_named_like_inputs_are_refused() -> None:
+    """A gRPC request parameter `max_tokens` would otherwise be ignored without a word."""
+    with pytest.raises(ValidationError, match="^max_tokens: was sent as a request parameter"):
+        check_parameters({"max_tokens": 5})
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ("[" * 100_000, "messages: is nested deeper than 64 levels"),  # json's stack runs out
+        ('[{"role": "user", "content": "x", "k": ' + "[" * 70 + "]" * 70 + "}]", "messages: [0].k"),
+        ('[{"role": "user", "content": "\\ud800"}]', "messages: [0].content is not valid Unicode"),
+        ('[{"role": "user", "content": "x", "\\udc00": 1}]', "messages: [0] has a key that is not"),
+        ('[{"role": "user", "content": 1' + "0" * 5000 + "}]", "messages: invalid JSON"),
+    ],
+)
+def test_messages_json_that_cannot_travel_on_is_refused(raw: str, message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        parse_router_inputs({"messages": s(raw)})
+    assert err.value.field == "messages" and str(err.value).startswith(message)
+
+
+def test_json_problem_paths_name_the_field() -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}
+    assert json_problem(body) == ("messages[0].content[0].text", "is not valid Unicode text (lone surrogate)")
+    assert json_problem({"a": [[[1]]]}, max_depth=3) == ("a[0][0]", "is nested deeper than 3 levels")
+    assert json_problem({"a": [[1]], "b": "é"}, max_depth=3) is None

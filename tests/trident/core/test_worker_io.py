@@ -39,3 +39,12 @@ def test_chunk_round_trips() -> None:
     assert back == TokenChunk("r", (4, 5), True, "length", 3, 16)
     mid = decode_chunk_outputs(encode_chunk_outputs(TokenChunk("r", (1,))), "r")
     assert not mid.finished and mid.finish_reason is None
+
+
+@pytest.mark.parametrize("temperature,sent", [(1e-38, 0.0), (9e-6, 0.0), (2e-5, 2e-5), (0.0, 0.0), (0.7, 0.7)])
+def test_tiny_positive_temperatures_sample_greedily(temperature: float, sent: float) -> None:
+    """Logits divided by 1e-38 overflow and softmax makes NaNs of them (failing the batch)."""
+    arrays = {"input_ids": np.array([1], np.int32), "temperature": np.array([temperature], np.float32)}
+    parsed = parse_generate_inputs(arrays, "r")
+    assert isinstance(parsed, GenerateRequest)
+    assert parsed.sampling.temperature == pytest.approx(sent)

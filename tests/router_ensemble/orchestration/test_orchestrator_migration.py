@@ -1,8 +1,9 @@
-"""The orchestrator's retry on another decode worker (`Orchestrator.run`, `_may_retry`): a
-worker that went away before answering (unloaded between selection and the call, e.g. by
-the planner) is replaced while the client has seen nothing, at most `MAX_WORKER_RETRIES`
-times. The real tokenizer, selector and directory; fake worker models behind the
-`WorkerClient` port."""
+"""Request migration in the orchestrator (`Orchestrator.run`, `orchestration.migration`): a
+worker lost before answering (unloaded between selection and the call, e.g. by the planner)
+or mid-stream is replaced, the new worker continuing from the tokens generated so far, at
+most `migration_limit` times. The real tokenizer, selector and directory; fake worker
+models behind the `WorkerClient` port, which continue the one fixed answer from where the
+request says it stopped (as a greedy model would)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from collections.abc import Collection, Iterator, Sequence
 
 import pytest
 
-from router_ensemble.orchestration.orchestrator import MAX_WORKER_RETRIES, Orchestrator
+from router_ensemble.orchestration.migration import Migration, MigrationConfig
+from router_ensemble.orchestration.orchestrator import Orchestrator
 from router_ensemble.orchestration.ports import Selection
 from router_ensemble.routing.directory import RoundRobinSelector, WorkerDirectory
 from router_ensemble.text.tokenizer import Tokenizer, load_tokenizer
-from trident.core.errors import EngineError, WorkerUnavailable
+from trident.core.errors import EngineError, KvHandoffLost, WorkerUnavailable
 from trident.core.router_io import RouterDelta, RouterRequest
 from trident.core.types import GenerateRequest, SamplingParams, TokenChunk
 
@@ -39,10 +41,12 @@ class Server:
 
 
 class Workers:
-    """Fake worker models (`WorkerClient`): each answers ANSWER in two chunks, unless told
-    to fail. `how[worker]`: "vanish" (unloaded: raises `error` before any chunk),
+    """Fake worker models (`WorkerClient`): each answers the rest of ANSWER from the request's
+    `output_offset` on (checking that the prompt carries the tokens before it) in two chunks,
+    unless told to fail. `how[worker]`: "vanish" (unloaded: raises `error` before any chunk),
     "vanish_silently" (unloaded: the stream ends without a chunk), "vanish_after_chunk"
-    (one chunk, then unloaded), "fail" (raises `error` but stays loaded)."""
+    (one chunk, then unloaded), "abort_after_chunk" (one chunk, then a final "abort" of its
+    own, as a worker shutting down sends), "fail" (raises `error` but stays loaded)."""
 
     def __init__(self, server: Server, answer: Sequence[int], error: type[Exception] = WorkerUnavailable) -> None:
         self.server = server
@@ -64,13 +68,20 @@ class Workers:
             raise self.error(f"worker {worker} is not ready")
         if how == "fail":
             raise self.error(f"worker {worker} failed")
-        half = len(self.answer) // 2
-        yield TokenChunk(request.request_id, self.answer[:half], num_input_tokens=len(request.input_ids), cached_tokens=2)
+        done = request.output_offset
+        assert request.input_ids == PROMPT + self.answer[:done]
+        rest = self.answer[done : done + request.sampling.max_tokens]
+        half = max(1, len(rest) // 2)
+        n_in = len(request.input_ids)
+        yield TokenChunk(request.request_id, rest[:half], num_input_tokens=n_in, cached_tokens=2)
         if how == "vanish_after_chunk":
             self.server.ready.discard(worker)
             raise self.error(f"worker {worker} is not ready")
-        yield TokenChunk(request.request_id, self.answer[half:], finished=True, finish_reason="length",
-                         num_input_tokens=len(request.input_ids), cached_tokens=2)
+        if how == "abort_after_chunk":
+            yield TokenChunk(request.request_id, (), finished=True, finish_reason="abort", num_input_tokens=n_in)
+            return
+        yield TokenChunk(request.request_id, rest[half:], finished=True, finish_reason="length",
+                         num_input_tokens=n_in, cached_tokens=2)
 
     def abort(self, worker: str, request_id: str) -> None:
         return None
@@ -110,19 +121,21 @@ class CountingSelector:
         assert Counter(self.released) == Counter(r for r, _, _ in self.selected)
 
 
-def setup(tokenizer: Tokenizer, *names: str, error: type[Exception] = WorkerUnavailable):
+def setup(tokenizer: Tokenizer, *names: str, error: type[Exception] = WorkerUnavailable, **migration: int):
     server = Server(*names)
     # refresh_s so long that only is_gone re-scans: the directory still lists a worker that
     # was unloaded after the last scan, as in the race the retry is for
     directory = WorkerDirectory("decode", probe=server, refresh_s=1e9, max_gap=2, clock=lambda: 0.0)
     selector = CountingSelector(RoundRobinSelector(directory))
     workers = Workers(server, tokenizer.encode(ANSWER, add_special_tokens=False), error)
-    return Orchestrator(tokenizer, selector, workers), selector, workers
+    orch = Orchestrator(tokenizer, selector, workers, migration=Migration(MigrationConfig(**migration)))
+    return orch, selector, workers
 
 
-def run(orch: Orchestrator, stream: bool = False) -> list[RouterDelta]:
+def run(orch: Orchestrator, stream: bool = False, max_tokens: int = 8) -> list[RouterDelta]:
     out: list[RouterDelta] = []
-    orch.run(RouterRequest(SamplingParams(max_tokens=8, temperature=0.0), input_ids=PROMPT, stream=stream), out.append)
+    request = RouterRequest(SamplingParams(max_tokens=max_tokens, temperature=0.0), input_ids=PROMPT, stream=stream)
+    orch.run(request, out.append)
     return out
 
 
@@ -140,13 +153,16 @@ def test_a_worker_gone_before_answering_is_replaced(tokenizer: Tokenizer, error:
     assert selector.served == [("decode_1", len(PROMPT), 2)]
 
 
-def test_the_retry_is_the_same_request(tokenizer: Tokenizer) -> None:
+def test_the_retry_is_the_same_request_under_a_new_id(tokenizer: Tokenizer) -> None:
     orch, selector, workers = setup(tokenizer, "decode", "decode_1")
     workers.how["decode"] = "vanish"
     run(orch)
-    (first_id, first), (second_id, second) = [(r.request_id, r) for _, r in workers.calls]
-    assert first_id == second_id and first.input_ids == second.input_ids == PROMPT
-    assert len({r for r, _, _ in selector.selected}) == 1
+    (_, first), (_, second) = workers.calls
+    assert second.request_id == first.request_id + ".1"  # a lease or abort never hits the lost run
+    assert first.input_ids == second.input_ids == PROMPT and second.output_offset == 0
+    assert second.sampling == first.sampling
+    assert [r for r, _, _ in selector.selected] == [first.request_id, second.request_id]
+    assert orch.migration.counts() == {"gone": 1}
 
 
 def test_a_streamed_request_shows_only_the_replacements_output(tokenizer: Tokenizer) -> None:
@@ -168,46 +184,93 @@ def test_a_worker_gone_that_ended_its_stream_silently_is_replaced(tokenizer: Tok
 
 
 def test_a_failure_of_a_worker_still_ready_propagates(tokenizer: Tokenizer) -> None:
-    orch, selector, workers = setup(tokenizer, "decode", "decode_1")
+    orch, selector, workers = setup(tokenizer, "decode", "decode_1", error=EngineError)
     workers.how["decode"] = "fail"
-    with pytest.raises(WorkerUnavailable, match="worker decode failed"):
+    with pytest.raises(EngineError, match="worker decode failed"):
         run(orch)
     assert workers.workers_called == ["decode"]
     assert selector.gone_checks == ["decode"]
     assert len(selector.selected) == 1
     selector.assert_one_release_per_select()
     assert selector.served == []
+    assert orch.migration.counts() == {}
 
 
+@pytest.mark.parametrize("how, cause", [("vanish_after_chunk", "gone"), ("abort_after_chunk", "aborted")])
 @pytest.mark.parametrize("stream", [False, True])
-def test_no_retry_once_a_chunk_came(tokenizer: Tokenizer, stream: bool) -> None:
+def test_a_worker_lost_mid_stream_is_continued_elsewhere(tokenizer: Tokenizer, stream: bool, how: str, cause: str) -> None:
     orch, selector, workers = setup(tokenizer, "decode", "decode_1")
-    workers.how["decode"] = "vanish_after_chunk"
-    out: list[RouterDelta] = []
-    request = RouterRequest(SamplingParams(max_tokens=8, temperature=0.0), input_ids=PROMPT, stream=stream)
-    with pytest.raises(WorkerUnavailable, match="worker decode is not ready"):
-        orch.run(request, out.append)
-    assert workers.workers_called == ["decode"]
-    assert selector.gone_checks == []  # the client may have seen tokens: not even asked
-    if stream:
-        assert out and {d.worker for d in out} == {"decode"} and not any(d.final for d in out)
-    else:
-        assert out == []
+    workers.how["decode"] = how
+    out = run(orch, stream=stream, max_tokens=len(workers.answer) + 3)
+    assert workers.workers_called == ["decode", "decode_1"]
+    (_, first), (_, second) = workers.calls
+    half = max(1, len(workers.answer) // 2)
+    # the replacement got the prompt plus what the lost worker had generated, and the rest of the budget
+    assert second.input_ids == PROMPT + workers.answer[:half] and second.output_offset == half
+    assert second.sampling.max_tokens == first.sampling.max_tokens - half
+    # one unbroken answer: the same tokens and text as an undisturbed run
+    assert "".join(d.text_output for d in out) == ANSWER
+    assert sum((d.output_ids for d in out), ()) == workers.answer
+    final = out[-1]
+    assert final.final and final.finish_reason == "length" and not any(d.final for d in out[:-1])
+    assert final.num_output_tokens == len(workers.answer) and final.num_input_tokens == len(PROMPT)
+    assert final.worker == "decode_1"
+    assert orch.migration.counts() == {cause: 1}
     selector.assert_one_release_per_select()
 
 
-def test_at_most_max_worker_retries_then_the_error_propagates(tokenizer: Tokenizer) -> None:
-    names = ("decode", "decode_1", "decode_2", "decode_3")
+def test_min_tokens_and_the_seed_travel_with_the_request(tokenizer: Tokenizer) -> None:
+    orch, _, workers = setup(tokenizer, "decode", "decode_1")
+    workers.how["decode"] = "vanish_after_chunk"
+    sampling = SamplingParams(max_tokens=20, min_tokens=6, temperature=0.7, seed=11)
+    orch.run(RouterRequest(sampling, input_ids=PROMPT), lambda d: None)
+    (_, first), (_, second) = workers.calls
+    half = max(1, len(workers.answer) // 2)
+    assert second.sampling.seed == 11 and second.sampling.temperature == 0.7
+    assert second.sampling.min_tokens == max(0, 6 - half) and second.output_offset == half
+
+
+def test_a_request_past_the_length_cap_is_not_migrated(tokenizer: Tokenizer) -> None:
+    orch, selector, workers = setup(tokenizer, "decode", "decode_1", migration_max_tokens=len(PROMPT))
+    workers.how["decode"] = "vanish_after_chunk"
+    with pytest.raises(WorkerUnavailable, match=r"not migrated: its \d+ tokens exceed migration_max_tokens \(5\)"):
+        run(orch)
+    assert workers.workers_called == ["decode"]
+    selector.assert_one_release_per_select()
+
+
+def test_migration_off_ends_the_request_with_the_workers_error(tokenizer: Tokenizer) -> None:
+    orch, _, workers = setup(tokenizer, "decode", "decode_1", migration_limit=0)
+    workers.how["decode"] = "vanish"
+    with pytest.raises(WorkerUnavailable, match=r"worker decode is not ready \(not migrated: migration is off\)"):
+        run(orch)
+    assert workers.workers_called == ["decode"]
+
+
+def test_at_most_migration_limit_moves_then_the_error_propagates(tokenizer: Tokenizer) -> None:
+    names = ("decode", "decode_1", "decode_2", "decode_3", "decode_4")
     orch, selector, workers = setup(tokenizer, *names)
     workers.how.update({name: "vanish" for name in names})
-    with pytest.raises(WorkerUnavailable, match="is not ready"):
+    limit = orch.migration.config.migration_limit
+    assert limit == 3  # the default
+    with pytest.raises(WorkerUnavailable, match=r"not migrated: migration_limit \(3\) reached"):
         run(orch)
-    assert MAX_WORKER_RETRIES >= 1
-    assert len(workers.workers_called) == 1 + MAX_WORKER_RETRIES
+    assert len(workers.workers_called) == 1 + limit
     assert len(set(workers.workers_called)) == len(workers.workers_called)  # never the same one twice
-    assert "decode_3" in workers.server.ready  # a healthy worker was left, but the budget was spent
-    assert len(selector.selected) == 1 + MAX_WORKER_RETRIES
+    assert workers.server.ready  # a healthy worker was left, but the budget was spent
+    assert len(selector.selected) == 1 + limit
     selector.assert_one_release_per_select()
+    assert orch.migration.counts() == {"gone": limit}
+
+
+def test_a_failed_kv_handoff_is_recomputed_on_the_same_pool(tokenizer: Tokenizer) -> None:
+    orch, selector, workers = setup(tokenizer, "decode", "decode_1", error=KvHandoffLost)
+    workers.how["decode"] = "fail"  # still ready: it only failed to pull
+    (final,) = run(orch)
+    assert final.text_output == ANSWER
+    assert orch.migration.counts() == {"kv_handoff": 1}
+    # the decode worker is not excluded: only the handoff failed
+    assert [ex for _, _, ex in selector.selected] == [(), ()]
 
 
 def test_when_every_worker_is_gone_the_selection_fails(tokenizer: Tokenizer) -> None:
