@@ -61,7 +61,8 @@ class _Stream:
         self.stopped = False
 
     def add(self, chunk: TokenChunk) -> None:
-        self.cached = max(self.cached, chunk.cached_tokens)
+        # (a migrated attempt's prompt holds generated tokens too: report the prompt's share)
+        self.cached = max(self.cached, min(chunk.cached_tokens, self.input_tokens))
         self.ids.extend(chunk.output_ids)
         self.generated.extend(chunk.output_ids)
         self.total += len(chunk.output_ids)
