@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kv_manager.publisher import KVEventPublisher
@@ -81,6 +81,9 @@ class WorkerEvents:
         self.registration: EtcdRegistration | None = None
         self.node = NodeConfig.from_mapping(self._params)
         self._engine: Engine | None = None
+        # Set by the worker model: False while the worker cannot deliver responses; its load
+        # reports stop then, so routers drop it after their worker_timeout_s.
+        self.healthy: Callable[[], bool] = lambda: True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,7 +132,7 @@ class WorkerEvents:
             try:
                 publisher.publish(engine.take_events())
                 now = time.monotonic()
-                if now >= next_report:
+                if now >= next_report and self.healthy():
                     publisher.report_load(engine.stats())
                     next_report = now + report_s
             except Exception:  # a lost batch makes the router resync; keep the worker up

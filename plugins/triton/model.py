@@ -7,6 +7,9 @@ Threads:
   Triton response per chunk through the request's response sender (the last with
   `COMPLETE_FINAL`) and records timings. It never blocks and never calls back into the
   engine: aborts it needs go to a queue.
+- A response send that does not return within `SEND_STUCK_S` marks the worker wedged
+  (Triton 2.51 blocks a send to a BLS requester whose stub was killed, for good): its load
+  reports stop, so routers drop it and migrate what it was serving.
 - The poller thread (owned here) aborts requests whose client cancelled (`is_cancelled()`)
   or whose response could not be sent, and flushes metrics from `engine.stats()`. It makes
   no `pb` call before Triton's first `execute`: a stub whose own thread called into
@@ -50,6 +53,8 @@ from trident.core.worker_io import (
 )
 
 logger = logging.getLogger(__name__)
+
+SEND_STUCK_S = 5.0  # a response send this long in progress: the worker cannot deliver
 
 
 @dataclass(slots=True)
@@ -105,6 +110,10 @@ class WorkerModel:
         self._to_abort: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
         self._serving = threading.Event()  # set by the first execute: initialize has returned
+        self._send_started = 0.0  # monotonic time of the send in progress (engine thread), 0: none
+        self._reported_stuck = False
+        if events is not None:
+            events.healthy = self.delivering
         self._poller = threading.Thread(target=self._poll_loop, name=f"{name}-poller", daemon=True)
 
     def start(self) -> None:
@@ -193,11 +202,24 @@ class WorkerModel:
                 self._to_abort.append(chunk.request_id)
 
     def _send(self, entry: _InFlight, chunk: TokenChunk, flags: int) -> None:
-        if chunk.finish_reason == FINISH_ERROR:
-            send_final_error(self.pb, entry.sender, chunk.error or f"worker {self.name}: engine error")
-        else:
-            pb = self.pb
-            entry.sender.send(response(pb, encode_chunk_outputs(chunk)), flags=flags)
+        self._send_started = time.monotonic()
+        try:
+            if chunk.finish_reason == FINISH_ERROR:
+                send_final_error(self.pb, entry.sender, chunk.error or f"worker {self.name}: engine error")
+            else:
+                pb = self.pb
+                entry.sender.send(response(pb, encode_chunk_outputs(chunk)), flags=flags)
+        finally:
+            self._send_started = 0.0
+
+    def delivering(self) -> bool:
+        """Any thread: False while a response send has been stuck for `SEND_STUCK_S`."""
+        started = self._send_started
+        stuck = bool(started) and time.monotonic() - started > SEND_STUCK_S
+        if stuck and not self._reported_stuck:
+            logger.warning("worker=%s: a response send is stuck; no more load reports", self.name)
+        self._reported_stuck = stuck
+        return not stuck
 
     def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
         n = len(chunk.output_ids)

@@ -19,22 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from frontend.protocol import ChatCompletionRequest, CompletionRequest
 from tests.frontend.conftest import MODEL_ID
+from tests.fuzz_settings import CASE_TIMEOUT_S, FUZZ, VOCAB_SIZE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CASE_TIMEOUT_S = 30.0
-VOCAB_SIZE = 49152  # SmolLM2-135M's, the model the server fixture serves
-FUZZ = settings(
-    deadline=None,
-    database=None,  # the checkout is shared: no .hypothesis/ directory
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 HI = [{"role": "user", "content": "Hi"}]
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.fuzz_settings import CASE_TIMEOUT_S, FUZZ, VOCAB_SIZE
 from tests.integration.server_fixture import ServerInfo
 from trident.core.contract import (
     ROUTER_INPUTS,
@@ -35,14 +36,6 @@ from trident.core.contract import (
     Contract,
 )
 
-CASE_TIMEOUT_S = 30.0
-VOCAB_SIZE = 49152  # SmolLM2-135M's, the model the server fixture serves
-FUZZ = settings(
-    deadline=None,
-    database=None,  # the checkout is shared: no .hypothesis/ directory
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 DATATYPES = {
     "BOOL": np.bool_,
     "INT8": np.int8,
