@@ -167,3 +167,18 @@ def validate_strictly(manifests: list[Manifest], version: str) -> None:
             kubernetes_validate.validate(m.doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{m.path.name} {m.kind}/{m.name}: {list(exc.path)}: {exc.message}")
+
+
+def check_served_ports(manifests: list[Manifest], container: dict[str, Any], config: Any) -> set[str]:
+    """Assert that the server container exposes exactly the ports its `ServeConfig` serves on,
+    by name, and that the `trident` Service targets each of them; returns the port names."""
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {
+        "http": config.http_port,
+        "grpc": config.grpc_port,
+        "metrics": config.metrics_port,
+        "openai": config.openai_port,
+    }
+    service = find(manifests, "Service", "trident")[0].doc
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+    return set(ports)

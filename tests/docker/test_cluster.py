@@ -27,6 +27,7 @@ from tests.docker.deployment_files import (
     K8S_CLUSTER,
     K8S_VERSIONS,
     Manifest,
+    check_served_ports,
     dockerfile_env,
     find,
     unknown_env,
@@ -410,16 +411,9 @@ def test_the_router_node_finds_its_workers_in_etcd(cluster_manifests, healthchec
     container = pod["containers"][0]
     for kind in ("requests", "limits"):
         assert "nvidia.com/gpu" not in container["resources"].get(kind, {}), "no engine here"
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {
-        "http": config.http_port,
-        "grpc": config.grpc_port,
-        "metrics": config.metrics_port,
-        "openai": config.openai_port,
-    }
+    check_served_ports(cluster_manifests, container, config)
     service = find(cluster_manifests, "Service", "trident")[0].doc
     assert service["spec"]["selector"] == deployment.doc["spec"]["selector"]["matchLabels"]
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
     _check_secret_mount(cluster_manifests, pod, env)
     _check_models_mount(cluster_manifests, pod, config)  # the tokenizer is in the model file
     _check_pod_hardening(pod)

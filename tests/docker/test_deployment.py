@@ -27,6 +27,7 @@ from tests.docker.deployment_files import (
     K8S_VERSIONS,
     ROOT,
     Manifest,
+    check_served_ports,
     dockerfile_env,
     dockerfile_instructions,
     find,
@@ -275,15 +276,7 @@ def test_server_settings_are_valid_and_match_the_pod(manifests: list[Manifest]) 
     assert config.host == "0.0.0.0" and config.device == "cuda" and config.openai_port > 0
     pod = _pod(find(manifests, "Deployment", SERVER)[0])
     container = pod["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {
-        "http": config.http_port,
-        "grpc": config.grpc_port,
-        "metrics": config.metrics_port,
-        "openai": config.openai_port,
-    }
-    service = find(manifests, "Service", "trident")[0].doc
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+    check_served_ports(manifests, container, config)
     assert "TRIDENT_API_KEY" not in env, "the key comes from the Secret's file, not a value"
     mounts = {v["mountPath"]: v for v in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
