@@ -169,6 +169,7 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
         config.request_timeout_s,
         config.health_timeout_s,
         admin_key=config.triton_admin_key,
+        probe_interval_s=config.router_probe_s,
     )
     metrics = FrontendMetrics()
     models = ServedModels(config, client)

@@ -46,6 +46,7 @@ class FrontendConfig:
     max_streams_per_key: int = 0
     request_timeout_s: float = 600.0
     health_timeout_s: float = 5.0
+    router_probe_s: float = 1.0
     log_level: str = "info"
 
     def validate(self) -> FrontendConfig:
@@ -78,6 +79,8 @@ class FrontendConfig:
             )
         if self.request_timeout_s <= 0 or self.health_timeout_s <= 0:
             raise ConfigError("request_timeout_s/health_timeout_s: must be positive")
+        if self.router_probe_s < 0:
+            raise ConfigError(f"router_probe_s: must be >= 0 (0: no probes), got {self.router_probe_s}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         return self
@@ -99,7 +102,9 @@ _HELP = {
     "max_streams_per_key": "router streams (prompts x n) one API key may have open at once; "
     "more is HTTP 429 (default 0: no limit; without --api-key all clients share one key)",
     "request_timeout_s": "give up on a request after this many seconds (default 600)",
-    "health_timeout_s": "timeout of the readiness probes (default 5)",
+    "health_timeout_s": "timeout of the readiness and router liveness probes (default 5)",
+    "router_probe_s": "while streams are open, probe the router this often and end with a 503 the "
+    "streams a dead or restarted router stub will never answer (default 1; 0: off)",
     "log_level": "critical|error|warning|info|debug (default info)",
 }
 
@@ -148,7 +153,7 @@ def from_strings(raw: Mapping[str, str]) -> FrontendConfig:
 def _convert(name: str, value: str) -> object:
     if name in ("port", "max_n", "max_body_bytes", "max_streams_per_key"):
         return int(value)
-    if name in ("request_timeout_s", "health_timeout_s"):
+    if name in ("request_timeout_s", "health_timeout_s", "router_probe_s"):
         return float(value)
     if name == "default_max_tokens":
         return int(value) if value.strip() else None

@@ -28,6 +28,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from frontend.errors import APIError, from_triton_message, invalid_request, service_unavailable
+from frontend.router_watch import RouterWatch
 from trident.core.contract import ROUTER_INPUTS, ROUTER_OUTPUTS
 from trident.core.errors import ValidationError
 from trident.core.names import ADMIN_KEY_GRPC_HEADER, is_worker_model, replica_name
@@ -36,6 +37,7 @@ from trident.core.router_io import (
     RouterRequest,
     decode_router_outputs,
     encode_router_inputs,
+    probe_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,10 @@ class Readiness:
         return self.router_ready and bool(self.workers)
 
 
-def _infer_inputs(req: RouterRequest) -> list[InferInput]:
-    """The router's input tensors for `req`, each with its datatype from `ROUTER_INPUTS`."""
+def _infer_inputs(arrays: dict[str, Any]) -> list[InferInput]:
+    """The router's input tensors, each with its datatype from `ROUTER_INPUTS`."""
     inputs = []
-    for name, array in encode_router_inputs(req).items():
+    for name, array in arrays.items():
         tensor = InferInput(name, list(array.shape), ROUTER_INPUTS[name].datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -84,6 +86,7 @@ class RouterClient:
         request_timeout_s: float = 600.0,
         health_timeout_s: float = 5.0,
         admin_key: str | None = None,
+        probe_interval_s: float = 1.0,
     ) -> None:
         self.url = url
         self.admin_headers = {ADMIN_KEY_GRPC_HEADER: admin_key} if admin_key else None
@@ -92,12 +95,15 @@ class RouterClient:
         self.health_timeout_s = health_timeout_s
         self._client: grpcclient.InferenceServerClient | None = None
         self._ending: set[asyncio.Task[None]] = set()  # streams left to end (`_let_end`)
+        self.watch = RouterWatch(self.probe, probe_interval_s, health_timeout_s)
 
     async def start(self) -> None:
         if self._client is None:
             self._client = grpcclient.InferenceServerClient(self.url)
+        self.watch.start()
 
     async def close(self) -> None:
+        await self.watch.close()
         if self._ending:
             await asyncio.wait(set(self._ending), timeout=_END_GRACE_S)
         client, self._client = self._client, None
@@ -120,7 +126,7 @@ class RouterClient:
         Closing the generator early cancels the Triton request.
         """
         try:
-            inputs = _infer_inputs(req)
+            inputs = _infer_inputs(encode_router_inputs(req))
         except ValidationError as exc:
             field = (param_map or {}).get(exc.field, exc.field)
             raise invalid_request(f"{field}: {exc.message}", param=field) from None
@@ -130,26 +136,54 @@ class RouterClient:
 
         stream = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout_s)
         answered = False  # the request's last response (final or error) has arrived
+        tracked = self.watch.track(stream)
         try:
-            async for result, error in _guard(stream):
-                if error is not None:
-                    answered = True
-                    raise from_triton_message(error.message() or str(error), param_map)
-                delta = _parse(result)
-                answered = delta.final
-                yield delta
-                if answered:
-                    return
-            answered = True
-            raise APIError(
-                502, "the router closed the stream before the final response", type="server_error"
-            )
+            try:
+                async for result, error in _guard(stream):
+                    if error is not None:
+                        answered = True
+                        raise from_triton_message(error.message() or str(error), param_map)
+                    delta = _parse(result)
+                    answered = delta.final
+                    yield delta
+                    if answered:
+                        return
+                answered = True
+                raise APIError(
+                    502,
+                    "the router closed the stream before the final response",
+                    type="server_error",
+                )
+            except (asyncio.CancelledError, APIError):
+                if tracked.lost is None or _cancelling():
+                    raise
+                raise service_unavailable(
+                    f"{tracked.lost}; the request was lost with it: retry it"
+                ) from None
         finally:
+            self.watch.untrack(tracked)
             if answered:
                 self._let_end(stream)
             else:
                 logger.info("cancelling router stream request_id=%s", req.request_id)
                 stream.cancel()
+
+    async def probe(self) -> str:
+        """The router instance's id from a liveness probe; `APIError` if the router fails it."""
+        inputs = _infer_inputs(probe_inputs())
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.router_model, "inputs": inputs}
+
+        stream = self.client.stream_infer(one_request(), stream_timeout=self.health_timeout_s)
+        try:
+            async for result, error in _guard(stream):
+                if error is not None:
+                    raise from_triton_message(error.message() or str(error))
+                return _parse(result).text_output
+            raise service_unavailable("the router closed a probe without an answer")
+        finally:
+            self._let_end(stream)
 
     def _let_end(self, stream: Any) -> None:
         """Leave a stream whose request has had its last response to end by itself.
@@ -300,6 +334,12 @@ async def _guard(stream: Any) -> AsyncIterator[tuple[Any, Any]]:
         except InferenceServerException as exc:
             raise from_triton_message(exc.message() or str(exc)) from None
         yield item
+
+
+def _cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not just its gRPC call)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _from_rpc_error(exc: grpc.aio.AioRpcError) -> APIError:

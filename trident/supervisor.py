@@ -12,7 +12,8 @@ unloaded on purpose (the planner scaling down) is no longer READY and is forgott
 readiness is asked per model.)
 
 Requests in flight on the dead stub are not answered by Triton (not even after the
-reload); a worker's are migrated by the router, a router's end only by the client's timeout.
+reload); a worker's are migrated by the router, a router's are ended by the OpenAI frontend's
+`frontend.router_watch` (direct Triton clients need a timeout).
 
 Threads: one daemon thread ("stub-supervisor"), started by `start()`, ended by `stop()`.
 `restarts` counts restarts per model (read by tests and benchmarks).

@@ -9,7 +9,10 @@ Threads:
   engine: aborts it needs go to a queue.
 - A response send that does not return within `SEND_STUCK_S` marks the worker wedged
   (Triton 2.51 blocks a send to a BLS requester whose stub was killed, for good): its load
-  reports stop, so routers drop it and migrate what it was serving.
+  reports stop, so routers drop it and migrate what it was serving. The watchdog thread
+  (owned here) ends the stub process once a send has been stuck for `SEND_WEDGED_S`: the
+  engine thread can never run again, and the launcher's supervisor loads a dead stub's
+  model again (`trident.supervisor`), whose new KV pool removes the old one's segments.
 - The poller thread (owned here) aborts requests whose client cancelled (`is_cancelled()`)
   or whose response could not be sent, and flushes metrics from `engine.stats()`. It makes
   no `pb` call before Triton's first `execute`: a stub whose own thread called into
@@ -24,6 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -55,6 +59,8 @@ from trident.core.worker_io import (
 logger = logging.getLogger(__name__)
 
 SEND_STUCK_S = 5.0  # a response send this long in progress: the worker cannot deliver
+SEND_WEDGED_S = 20.0  # ... and this long: it never will; the stub exits to be restarted
+WEDGED_EXIT_CODE = 70  # EX_SOFTWARE
 
 
 @dataclass(slots=True)
@@ -115,6 +121,8 @@ class WorkerModel:
         if events is not None:
             events.healthy = self.delivering
         self._poller = threading.Thread(target=self._poll_loop, name=f"{name}-poller", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch_sends, name=f"{name}-watchdog", daemon=True)
+        self.on_wedged: Any = lambda: os._exit(WEDGED_EXIT_CODE)  # tests replace it
 
     def start(self) -> None:
         try:
@@ -138,6 +146,7 @@ class WorkerModel:
             # one's metrics (same labels), stale until the poller's first flush.
             self.metrics.flush(self.engine.stats(), inflight=0)
         self._poller.start()
+        self._watchdog.start()
 
     def execute(self, requests: list[Any]) -> None:
         self._serving.set()
@@ -221,6 +230,19 @@ class WorkerModel:
         self._reported_stuck = stuck
         return not stuck
 
+    def _watch_sends(self) -> None:
+        """Watchdog thread: end the process once a send has been stuck for `SEND_WEDGED_S`.
+        (The poller cannot do it: its own `pb` calls may block behind the stuck send.)"""
+        while not self._stop.wait(1.0):
+            started = self._send_started
+            if started and time.monotonic() - started > SEND_WEDGED_S:
+                logger.error(
+                    "worker=%s: a response send has been stuck for %.0f s; exiting so that the "
+                    "model is loaded again", self.name, SEND_WEDGED_S,
+                )
+                self.on_wedged()
+                return
+
     def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
         n = len(chunk.output_ids)
         if self.metrics is not None and n:
@@ -273,6 +295,8 @@ class WorkerModel:
         self._stop.set()
         if self._poller.is_alive():
             self._poller.join(timeout=5)
+        if self._watchdog.is_alive():
+            self._watchdog.join(timeout=5)
         self.engine.shutdown()
         if self.metrics is not None:
             self.metrics.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +43,9 @@ from trident.core.router_io import (
     RouterDelta,
     check_parameters,
     encode_router_outputs,
+    is_probe,
     parse_router_inputs,
+    probe_answer,
 )
 from trident.core.settings import load_settings
 from trident.core.triton_io import close_quietly, read_inputs, response, send_final_error
@@ -154,11 +158,32 @@ class RouterModel:
             max_workers=settings.model.max_concurrency, thread_name_prefix=f"{name}-req"
         )
         self._flush_lock = threading.Lock()
+        # Told apart by probers (the OpenAI frontend): a new id means a new stub, so streams
+        # opened on the old one will never be answered.
+        self.instance_id = f"{name}:{os.getpid()}:{secrets.token_hex(4)}"
         logger.info("router %s ready (tokenizer %s)", name, self.orchestrator.tokenizer.model_id)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
+            if self._is_probe(request):
+                self._answer_probe(request)
+                continue
             self.pool.submit(self._serve, request, request.get_response_sender())
+
+    def _is_probe(self, request: Any) -> bool:
+        tensor = self.pb.get_input_tensor_by_name(request, "probe")
+        return tensor is not None and is_probe(tensor.as_numpy())
+
+    def _answer_probe(self, request: Any) -> None:
+        """Answer a liveness probe on Triton's thread, ahead of the request pool (a busy
+        pool must not look like a dead router), with this instance's id."""
+        try:
+            delta = probe_answer(self.instance_id)
+            request.get_response_sender().send(
+                response(self.pb, encode_router_outputs(delta)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
+        except Exception:  # the prober went away; nothing else depends on this response
+            logger.debug("router %s: probe answer not delivered", self.name, exc_info=True)
 
     def _serve(self, request: Any, sender: Any) -> None:
         pb = self.pb

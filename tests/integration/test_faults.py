@@ -1,7 +1,7 @@
 """Faults injected into a real server (2 decode workers, 1 prefill worker): a killed decode
 stub, a prefill stub killed between the first token and the handoff, a worker frozen with
 SIGSTOP, a worker unloaded mid-stream, a client that reads very slowly, and a killed router
-stub. Each asserts that nothing
+stub (the OpenAI frontend ends its stream with an error). Each asserts that nothing
 hangs, that no KV blocks, leases or shared-memory segments are left, and that the server
 keeps serving. Its own server: it kills processes."""
 
@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from frontend.args import FrontendConfig
+from frontend.main import serve_in_thread
 from tests.integration.helpers import call_worker, metric_values, orphan_kv_segments, stub_pid
 from tests.waiting import wait_until
 from trident.launcher import Endpoints, Launcher, group_pids
@@ -223,8 +226,12 @@ def test_a_very_slow_reader_holds_little_memory(server: Server) -> None:
 
 def test_a_killed_router_stub_is_restarted(server: Server) -> None:
     """Triton 2.51 neither restarts the stub nor answers the requests in flight on it: the
-    launcher's supervisor loads the router again, and the client's timeout ends its request."""
+    launcher's supervisor loads the router again; the OpenAI frontend's router watch ends its
+    stream with a 503 error event at once, and a direct Triton client's timeout ends its own."""
     result: dict[str, Any] = {}
+    frontend = serve_in_thread(FrontendConfig(port=0, triton_url=server.ep.grpc_url, log_level="warning"))
+    openai_client = openai.OpenAI(base_url=frontend.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    via_openai: dict[str, Any] = {}
 
     def read() -> None:
         try:
@@ -236,46 +243,59 @@ def test_a_killed_router_stub_is_restarted(server: Server) -> None:
         except Exception as exc:
             result["error"] = str(exc)
 
+    def read_openai() -> None:
+        try:
+            chunks = openai_client.completions.create(model="router", prompt=STORY, max_tokens=300, stream=True,
+                                                      extra_body={"ignore_eos": True})
+            for _ in chunks:
+                via_openai.setdefault("first", time.monotonic())
+            via_openai["finished"] = True
+        except openai.APIError as exc:
+            via_openai["error"], via_openai["ended"] = str(exc), time.monotonic()
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    wait_until(lambda: "worker" in result, timeout=60)
+    openai_reader = threading.Thread(target=read_openai, daemon=True)
+    openai_reader.start()
+    wait_until(lambda: "worker" in result and "first" in via_openai, timeout=60)
     old = server.stub("router")
+    killed = time.monotonic()
     os.kill(old, signal.SIGKILL)
+    openai_reader.join(timeout=30)
+    frontend.stop()
+    assert not openai_reader.is_alive() and "router" in via_openai.get("error", ""), via_openai
+    assert via_openai["ended"] - killed < 15, via_openai
     server.wait_serving("router")
     assert server.stub("router") != old and server.launcher.supervisor.restarts["router"] == 1
-    others = [w for w in server.launcher.decode_models if w != result["worker"]]
-    with RouterClient(server.ep.grpc_url) as client:  # new requests are served
-        served = {client.generate(text_input=f"Hello again {i}!", max_tokens=4)[-1]["worker"] for i in range(3)}
-    assert served & set(others), served
-    # the worker that was streaming to the dead stub is wedged (below): it stops its load
-    # reports, and the router drops it (each probe request flushes the router's metrics)
-    with RouterClient(server.ep.grpc_url) as client:
-        wait_until(lambda: _router_counter(server, "trident_router_live_workers", 'pool="decode"') == 1,
+    # Each worker that was streaming to the dead stub blocks in its next response send for
+    # good (Triton 2.51 never drains the dead requester's queue): it stops its load reports at
+    # once, so routers drop it, and its watchdog ends its stub after SEND_WEDGED_S; the
+    # supervisor then loads it again. Afterwards every decode worker answers.
+    wedged = result["worker"]
+    wait_until(lambda: server.launcher.supervisor.restarts[wedged] >= 1, timeout=90)
+    for worker in server.launcher.decode_models:
+        server.wait_serving(worker)
+        assert _answers(server, worker), f"worker {worker} does not answer"
+    with RouterClient(server.ep.grpc_url) as client:  # both workers are routed to again
+        wait_until(lambda: _router_counter(server, "trident_router_live_workers", 'pool="decode"') == 2,
                    tick=lambda: client.generate(text_input="Probe.", max_tokens=1), timeout=60)
-        assert {client.generate(text_input=f"Then {i}.", max_tokens=2)[-1]["worker"] for i in range(3)} == set(others)
+        served = {client.generate(text_input=f"Hello again {i}!", max_tokens=4)[-1]["worker"] for i in range(3)}
+    assert served <= set(server.launcher.decode_models), served
     reader.join(timeout=60)
-    assert not reader.is_alive() and "error" in result, result
-    SERVED_THE_DEAD_ROUTER.append(result["worker"])
+    assert not reader.is_alive() and "error" in result, result  # the direct client's timeout
+    server.assert_at_rest()
 
 
-SERVED_THE_DEAD_ROUTER: list[str] = []
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "Triton 2.51: a worker streaming to a router stub that was killed blocks in its next "
-    "response send for good (the dead requester's queue is never drained); the worker leaves "
-    "the routers (no load reports) but serves nothing more until the server restarts"))
-def test_the_worker_that_served_a_killed_router_serves_again(server: Server) -> None:
-    assert SERVED_THE_DEAD_ROUTER, "runs after test_a_killed_router_stub_is_restarted"
-    worker = SERVED_THE_DEAD_ROUTER[0]
+def _answers(server: Server, worker: str, timeout_s: float = 30.0) -> bool:
+    """Whether a direct call to `worker` is answered within `timeout_s` (a wedged one hangs)."""
     done = threading.Event()
 
-    def probe() -> None:
+    def call() -> None:
         call_worker(server.ep.grpc_url, worker, input_ids=[1, 2, 3, 4], max_tokens=3)
         done.set()
 
-    threading.Thread(target=probe, daemon=True).start()
-    assert done.wait(30), f"worker {worker} does not answer"
+    threading.Thread(target=call, daemon=True).start()
+    return done.wait(timeout_s)
 
 
 def _router_counter(server: Server, name: str, label: str) -> float:

@@ -291,6 +291,9 @@ ROUTER_INPUTS = Contract("router", "input", (
     TensorSpec("exclude_input_in_output", "BOOL", default=False,
                doc="accepted for TensorRT-LLM clients: the output never includes the input"),
     TensorSpec("request_id", "BYTES", default="", doc="the client's id for the request, for logs"),
+    TensorSpec("probe", "BOOL", default=False,
+               doc="a liveness probe: answered at once with one final response whose text_output is the "
+                   "router instance's id (other inputs ignored)"),
 ))
 PROMPT_INPUTS = ("text_input", "messages", "input_ids")
 

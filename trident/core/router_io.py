@@ -167,6 +167,19 @@ def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
+def is_probe(array: Any) -> bool:
+    """Whether a `probe` input asks for a liveness answer (any true element)."""
+    try:
+        return bool(np.asarray(array).astype(bool).any())
+    except (TypeError, ValueError):
+        return False
+
+
+def probe_answer(instance_id: str) -> RouterDelta:
+    """The one final response to a `probe`: the router instance's id as `text_output`."""
+    return RouterDelta(instance_id, (), "stop", 0, 0, 0, "")
+
+
 def encode_router_outputs(delta: RouterDelta) -> dict[str, np.ndarray]:
     return ROUTER_OUTPUTS.encode({name: getattr(delta, name) for name in ROUTER_OUTPUTS})
 
@@ -189,6 +202,11 @@ def encode_router_inputs(request: RouterRequest) -> dict[str, np.ndarray]:
         "request_id": request.request_id,
     }
     return ROUTER_INPUTS.encode({k: v for k, v in values.items() if v != ROUTER_INPUTS.spec(k).default})
+
+
+def probe_inputs() -> dict[str, np.ndarray]:
+    """The input tensors of a liveness probe (answered by `probe_answer`)."""
+    return ROUTER_INPUTS.encode({"probe": True})
 
 
 def decode_router_outputs(arrays: Arrays) -> RouterDelta:

@@ -4,12 +4,14 @@ cancellation and metrics once requests come. Real engine on the tiny model, fake
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
+from plugins.triton import model as worker_model
 from plugins.triton.metrics import WorkerMetrics
 from plugins.triton.model import WorkerModel
 from tests.fakes import pb_utils as pb
@@ -45,4 +47,41 @@ def test_the_poller_waits_for_the_first_execute(tiny_model_dir: str) -> None:
         assert final["finish_reason"].item() == b"abort"
         wait_until(lambda: worker.engine.stats().running == 0)
     finally:
+        worker.shutdown()
+
+
+class _StuckSender(pb.FakeSender):
+    """A response sender whose second send never returns (Triton 2.51's send to a BLS
+    requester whose stub was killed), until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def send(self, response: pb.InferenceResponse | None = None, flags: int = 0) -> None:
+        if self.responses():
+            self.release.wait(30)
+        super().send(response, flags)
+
+
+def test_a_wedged_send_stops_load_reports_then_ends_the_stub(tiny_model_dir: str, monkeypatch) -> None:
+    monkeypatch.setattr(worker_model, "SEND_STUCK_S", 0.2)
+    monkeypatch.setattr(worker_model, "SEND_WEDGED_S", 1.0)
+    pb.FakeServer.reset()
+    config = TorchEngineConfig(model=tiny_model_dir, dtype="float32", num_blocks=64, num_threads=1, worker_id="decode")
+    worker = WorkerModel(pb, "decode", TorchEngine(config), None, poll_s=0.01)
+    exited = threading.Event()
+    worker.on_wedged = exited.set  # instead of os._exit: the supervisor's part is tested in test_faults
+    worker.start()
+    sender = _StuckSender()
+    try:
+        assert worker.delivering()
+        worker.execute([pb.FakeRequest({"input_ids": np.arange(3, 20, dtype=np.int32),
+                                        "max_tokens": np.asarray([50], dtype=np.int32),
+                                        "ignore_eos": np.asarray([True])}, sender=sender)])
+        wait_until(lambda: not worker.delivering(), timeout=10)  # no more load reports
+        assert not exited.is_set()
+        assert exited.wait(10), "the watchdog did not end the wedged worker"
+    finally:
+        sender.release.set()
         worker.shutdown()
