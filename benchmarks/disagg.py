@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from trident.core.stats import percentile
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
@@ -57,11 +58,13 @@ class Sample:
     tokens: int = 0
     workers: str = ""
     error: str = ""
+    start: float = 0.0  # perf_counter when it was sent
+    itl_at: list[float] = field(default_factory=list)  # perf_counter of each ITL sample (plots)
 
 
 def stream_one(client: RouterClient, kind: str, ids: list[int], max_tokens: int) -> Sample:
     sample = Sample(kind)
-    start = last = time.perf_counter()
+    start = last = sample.start = time.perf_counter()
     try:
         for response in client.stream(input_ids=ids, max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                                       stream=True, timeout=120):
@@ -74,6 +77,7 @@ def stream_one(client: RouterClient, kind: str, ids: list[int], max_tokens: int)
                 sample.itls.extend([0.0] * (added - 1))
             else:
                 sample.itls.extend([(now - last) / added] * added)
+                sample.itl_at.extend([now] * added)
             sample.tokens += added
             sample.workers = response.get("worker", "")
             last = now
@@ -183,6 +187,12 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         "workers": sorted({s.workers for s in ok}),
         "first_error": next((s.error for s in samples if s.error), ""),
     }
+    t0 = min((s.start for s in ok), default=0.0)
+    out["per_request"] = [  # for --plot: TTFT CDFs and ITL over time
+        {"kind": s.kind, "ttft_s": round(s.ttft, 5),
+         "itl_series": [[round(t - t0, 4), round(x * 1e3, 3)] for t, x in zip(s.itl_at, s.itls[-len(s.itl_at):] if s.itl_at else [], strict=True)]}
+        for s in ok
+    ]
     for kind in ("short", "long"):
         group = [s for s in ok if s.kind == kind]
         out[f"{kind}_requests"] = len(group)
@@ -239,6 +249,7 @@ def main() -> None:
     parser.add_argument("--modes", default="aggregated,disaggregated")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating the order (ABBA)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
@@ -256,7 +267,7 @@ def main() -> None:
                     samples[name].extend(Load(args).run(grpc_url))
     results = {name: summarize(samples[name]) for name in modes}
     print_table(results)
-    write_json(args.json, {"benchmark": "disagg", "args": vars(args), "results": results})
+    write_json(args.json, {"benchmark": "disagg", "args": vars(args), "results": results}, plot=args.plot, name="disagg")
     if {"aggregated", "disaggregated"} <= set(results):
         agg, dis = results["aggregated"], results["disaggregated"]
         print(f"disagg: ITL p99 {agg['itl_p99_ms'] / dis['itl_p99_ms']:.2f}x lower than aggregated, "

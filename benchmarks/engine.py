@@ -15,6 +15,9 @@ to be trusted. vLLM runs through our engine plugin (`plugins.vllm`), compiled (i
 --vllm-eager; transformers in float32 (its fastest dtype for this GGUF) unless --hf-dtype.
 Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, roofline {z}%,
 vs vLLM batch16 {v}x, batch1 {w}x`.
+
+With --structured, our engine alone: batch-16 decode with a JSON-schema grammar vs without
+(`benchmarks.engine_structured`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 
 from benchmarks.common import Peer, copy_bandwidth_gbs, setup_logging, write_json
 from benchmarks.engine_peers import PEERS, serve
+from benchmarks.plots import add_plot_flag
 
 METRICS = ("decode_b1_tok_s", "decode_b16_tok_s", "prefill_tok_s")
 
@@ -64,8 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
     ap.add_argument("--max-load", type=float, default=0.5, help="flag the run above this 1-minute load")
     ap.add_argument("--json", metavar="PATH")
+    add_plot_flag(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--structured", action="store_true",
+                    help="ours only: batch-16 decode with a JSON-schema grammar vs without (benchmarks.engine_structured)")
+    ap.add_argument("--device", default="cpu", help="--structured: the torch engine's device")
     args = ap.parse_args(argv)
+    if args.structured:
+        from benchmarks.engine_structured import run
+
+        return run(args)
     setup_logging(args.verbose)
     kinds = available_peers([k.strip() for k in args.peers.split(",") if k.strip()])
     opts = {"threads": args.threads, "dtype": args.dtype, "hf_dtype": args.hf_dtype, "vllm_eager": args.vllm_eager,
@@ -118,7 +130,7 @@ def report(args, cores, stats, infos, loads, runs) -> None:
          for m in METRICS}
     write_json(args.json, {"stats": stats, "runs": runs, "infos": infos, "cores": cores, "threads": args.threads,
                            "loadavg": {"before": loads[0], "start": loads[1], "after": loads[2]},
-                           "cores_shared": busy, "roofline_pct": roofline, "ratios": r})
+                           "cores_shared": busy, "roofline_pct": roofline, "ratios": r}, plot=args.plot, name="engine")
 
     def fmt(x):
         return "n/a" if x is None else f"{x:.2f}x"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 
 QUESTIONS = (
     "What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--json", metavar="PATH")
+    add_plot_flag(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in outs.items():
             print(f"    {k:<13}{tok.decode(v[i])!r}")
     same = {f"{a}={b}": sum(outs[a][i] == outs[b][i] for i in range(len(QUESTIONS))) for a, b in pairs}
-    write_json(args.json, {"dtype": args.dtype, "tokens": args.tokens, "rows": rows, "identical": same})
+    write_json(args.json, {"dtype": args.dtype, "tokens": args.tokens, "rows": rows, "identical": same}, plot=args.plot, name="greedy_parity")
     n = len(QUESTIONS)
     print(f"greedy parity: vllm=transformers {same['vllm=transformers']}/{n}, "
           f"torch=transformers {same['torch=transformers']}/{n}, vllm=torch {same['vllm=torch']}/{n} prompts identical")

@@ -46,6 +46,7 @@ import xxhash
 
 from benchmarks.common import setup_logging, write_json
 from benchmarks.kv_transfer import LAYOUT
+from benchmarks.plots import add_plot_flag
 
 PHASES = ("write", "read_warm", "read_cold")
 QUEUES = ("default", "aio", "uring", "posix_aio")
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the POSIX backend's I/O queue (default: NIXL's own choice, Linux AIO)",
     )
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_plot_flag(ap)
     args = ap.parse_args(argv)
     if args.blocks < 1 or args.rounds < 1:
         ap.error("--blocks and --rounds must be at least 1")
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = report(res)
     res["last_line"] = lines[-1]
-    write_json(args.json, res)
+    write_json(args.json, res, plot=args.plot, name="kv_disk_io")
     print("\n".join(lines))
     return 0
 

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from plugins.torch_engine.config import TorchEngineConfig
 from plugins.torch_engine.engine import TorchEngine
 from trident.core.stats import percentile
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--restart-config", default="host_disk", choices=CONFIGS[3:])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset (device is always run)")
     ap.add_argument("--json", default=None)
+    add_plot_flag(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.configs = [c for c in CONFIGS if c == "device" or c in args.configs.split(",")]
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ttft_mean_x_vs_device": {c: med("device", "ttft_mean_s") / med(c, "ttft_mean_s") for c in args.configs},
         "host_hit_pct": h, "after_restart_x": r,
     }
-    write_json(args.json, payload)
+    write_json(args.json, payload, plot=args.plot, name="kv_tiers")
     for c in args.configs[1:]:
         print(f"{c}: TTFT mean {payload['ttft_mean_x_vs_device'][c]:.2f}x lower than device-only")
     print(f"kv tiers: TTFT mean {x:.2f}x lower than device-only, host hit {h:.0f}%, after restart {r:.2f}x")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.common import alternate_medians, spawn_peer
+from benchmarks.plots import add_plot_flag, write_plots
 from kv_manager.layout import KVLayout
 from kv_manager.transfer import KVExporterImpl, KVImporterImpl, allocate_pool
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_plot_flag(ap)
     ap.add_argument(
         "--pool-blocks", type=int, default=1024, help="blocks in each pool (default 1024)"
     )
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--transport nixl: this benchmark moves DRAM (--device cpu)")
         from benchmarks.kv_transfer_nixl import main as nixl_main
 
-        return nixl_main(LAYOUT, args.pool_blocks, args.budget_s, args.seed, args.json)
+        return nixl_main(LAYOUT, args.pool_blocks, args.budget_s, args.seed, args.json, args.plot)
     rows = run(args.device, args.pool_blocks, args.budget_s, args.seed)
     where = (
         torch.cuda.get_device_name()
@@ -155,20 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         f"headline: {head.blocks} scattered blocks ({head.bytes / 2**20:.0f} MiB); from 16 blocks up "
         f"the pull runs at {min(ge16):.0f}-{max(ge16):.0f}% of memcpy"
     )
+    payload = {
+        "device": args.device,
+        "where": where,
+        "layout": asdict(LAYOUT),
+        "block_nbytes": LAYOUT.block_nbytes,
+        "rows": [asdict(r) for r in rows],
+        "headline": asdict(head),
+    }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "device": args.device,
-                    "where": where,
-                    "layout": asdict(LAYOUT),
-                    "block_nbytes": LAYOUT.block_nbytes,
-                    "rows": [asdict(r) for r in rows],
-                    "headline": asdict(head),
-                },
-                f,
-                indent=2,
-            )
+            json.dump(payload, f, indent=2)
+    if args.plot:
+        write_plots(args.json, payload, "kv_transfer")
     print(f"kv transfer: {head.pull_gbps:.1f} GB/s = {head.pct_of_memcpy:.0f}% of memcpy")
     return 0
 

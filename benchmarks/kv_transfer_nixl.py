@@ -167,7 +167,9 @@ def phase_in_subprocess(tcp: bool, pool_blocks: int, budget_s: float, seed: int)
     }
 
 
-def main(layout: KVLayout, pool_blocks: int, budget_s: float, seed: int, json_path: str | None) -> int:
+def main(
+    layout: KVLayout, pool_blocks: int, budget_s: float, seed: int, json_path: str | None, plot: bool = False
+) -> int:
     phases = {
         "default": phase_in_subprocess(False, pool_blocks, budget_s, seed),
         "tcp": phase_in_subprocess(True, pool_blocks, budget_s, seed),
@@ -192,6 +194,10 @@ def main(layout: KVLayout, pool_blocks: int, budget_s: float, seed: int, json_pa
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"transport": "nixl", "layout": asdict(layout), "phases": phases}, f, indent=2)
+    if plot:
+        from benchmarks.plots import write_plots
+
+        write_plots(json_path, {"benchmark": "kv_transfer_nixl", "results": phases}, "kv_transfer_nixl")
     print(
         f"kv transfer nixl: {head['pull_gbps']:.1f} GB/s = {head['pct_of_ref']:.0f}% of memcpy, "
         f"tcp {tcp['pct_of_ref']:.0f}% of socket copy"

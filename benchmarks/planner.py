@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from planner.config import PlannerConfig
 from planner.connectors.triton import TritonConnector
 from planner.core.profile import Profile
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="static-min,static-max,planner")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
+    add_plot_flag(ap)
     ap.add_argument("--png", default="", help="figure path ('' = beside --json, else planner.png)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "benchmark": "planner", "ramp": phases, "requests": len(times), "args": vars(args),
         "cpu_count": os.cpu_count(), "medians": med, "runs": runs, "png": png,
-    })
+    }, plot=args.plot, name="planner")
     if {"planner", "static-max", "static-min"} <= set(med):
         p, hi, lo = med["planner"], med["static-max"], med["static-min"]
         share = 100.0 * p["worker_seconds"] / max(hi["worker_seconds"], 1e-9)

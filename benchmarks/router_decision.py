@@ -34,6 +34,7 @@ import platform
 import random
 import time
 
+from benchmarks.plots import add_plot_flag, write_plots
 from kv_manager import hashing
 from kv_manager.events import BlockStored
 from kv_manager.hashing import hash_blocks
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--no-dynamo", dest="dynamo", action="store_false",
                         help="skip the peer: Dynamo's own indexer (ai-dynamo-runtime, `make setup-peers`)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -241,6 +243,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)
+    if args.plot:
+        write_plots(args.json, result, "router_decision")
     p99 = result["decision_ms"]["p99"]
     print(f"router decision: p99 {p99:.3f} ms for {args.tokens} tokens, {args.workers} workers{comparison}")
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from router_ensemble.text.tokenizer import load_tokenizer
 from trident.core.stats import percentile
 from trident.launcher import Launcher
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=64)
     parser.add_argument("--grpc-url", default="", help="use a running server instead of starting one")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     setup_logging(args.verbose)
@@ -134,7 +136,7 @@ def main() -> None:
         "benchmark": "router_overhead", "engine": args.engine, "requests": args.requests, "max_tokens": args.max_tokens,
         "prompt_tokens": len(ids), "num_threads": args.num_threads, "stats_ms": stats,
         "load_average": {"before": load_before, "after": load_after},
-    })
+    }, plot=args.plot, name="router_overhead")
     over = stats["overhead"]
     print(f"router overhead: p50 {over['p50']:.2f} ms, p99 {over['p99']:.2f} ms")
 

@@ -46,6 +46,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from kv_manager.hashing import hash_blocks
 from router_ensemble.text.tokenizer import Tokenizer, load_tokenizer
 from trident.core.errors import TridentError
@@ -314,6 +315,7 @@ def main() -> None:
     parser.add_argument("--policies", default="kv,round_robin,random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(parser)
     parser.add_argument("--server-log", metavar="PATH", help="keep tritonserver's info log in PATH.<policy>")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -348,7 +350,7 @@ def main() -> None:
         "benchmark": "routing", "workload": {**vars(args), "requests": len(requests), "mean_prompt_tokens": mean_prompt,
                                              "kv_blocks_per_worker": num_blocks, "offered_rps": offered},
         "oracle_hit_rate": oracle, "runs": runs,
-    })
+    }, plot=args.plot, name="routing")
     kv, rr = by_policy.get("kv"), by_policy.get("round_robin")
     if kv and rr:
         ratio = rr["ttft_mean_s"] / kv["ttft_mean_s"]

@@ -53,6 +53,7 @@ import httpx
 import openai
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from benchmarks.soak_load import Load, Prompts
 from benchmarks.soak_probe import (
     kv_gauges,
@@ -352,6 +353,7 @@ def main() -> None:
         "--server-log", default="", help="tritonserver's log file ('' = the launcher's default)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     if args.minutes <= 0 or args.concurrency < 1:
@@ -398,7 +400,7 @@ def main() -> None:
         load_average={"before": load_before, "after": load_after},
     )
     report(result)
-    write_json(args.json, result)
+    write_json(args.json, result, plot=args.plot, name="soak")
     n = sum(result["requests"].values())
     e = sum(result["unexpected_errors"].values()) + result["lost_to_kill"]  # the router migrates those
     lk = result["leaks"]

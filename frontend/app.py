@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.args import FrontendConfig
+from frontend.console import install_console
 from frontend.errors import APIError, from_trident_error, model_not_found, unauthorized
 from frontend.limits import StreamLease, StreamLimiter, read_body
 from frontend.metrics import FrontendMetrics
@@ -36,11 +37,13 @@ from frontend.protocol import (
     parse_body,
     router_param_map,
     to_router_requests,
+    tool_plan,
     validate_chat,
     validate_completion,
 )
 from frontend.serving import Generation, ResponseShape, stream_events
 from frontend.triton_client import RouterClient, model_id_from_path
+from trident.core import tracing
 from trident.core.errors import TridentError
 from trident.core.model_files import resolve_model_path
 
@@ -172,6 +175,7 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
         probe_interval_s=config.router_probe_s,
     )
     metrics = FrontendMetrics()
+    tracing.configure("trident-frontend")  # on only with an OTLP endpoint in the environment
     models = ServedModels(config, client)
     limiter = StreamLimiter(config.max_streams_per_key)
 
@@ -224,6 +228,8 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
             metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    install_console(app, config, client, authed)
+
     @app.get("/v1/models", dependencies=authed)
     async def list_models() -> dict[str, Any]:
         return {
@@ -250,6 +256,7 @@ def create_app(config: FrontendConfig | None = None, client: RouterClient | None
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         routed = to_router_requests(req, None, messages, response_id, config.default_max_tokens)
         shape = ResponseShape(True, response_id, req.model, int(time.time()))
+        shape.tools = tool_plan(req)
         lease = lease_for(request, req, len(routed))
         generation = Generation(
             client, routed, router_param_map(req, chat=True), metrics, req.model, req.n

@@ -48,6 +48,15 @@ class FrontendConfig:
     health_timeout_s: float = 5.0
     router_probe_s: float = 1.0
     log_level: str = "info"
+    triton_metrics_url: str = ""
+
+    @property
+    def metrics_url(self) -> str:
+        """Triton's /metrics: `triton_metrics_url`, else port 8002 on the gRPC host."""
+        if self.triton_metrics_url:
+            return self.triton_metrics_url
+        host = self.triton_url.rsplit(":", 1)[0]
+        return f"http://{host}:8002/metrics"
 
     def validate(self) -> FrontendConfig:
         """Raise `ConfigError` naming the first bad setting; return self for chaining."""
@@ -81,6 +90,12 @@ class FrontendConfig:
             raise ConfigError("request_timeout_s/health_timeout_s: must be positive")
         if self.router_probe_s < 0:
             raise ConfigError(f"router_probe_s: must be >= 0 (0: no probes), got {self.router_probe_s}")
+        if self.triton_metrics_url and not self.triton_metrics_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"triton_metrics_url: expected an http(s) URL, got {self.triton_metrics_url!r}"
+            )
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         return self
@@ -106,6 +121,8 @@ _HELP = {
     "router_probe_s": "while streams are open, probe the router this often and end with a 503 the "
     "streams a dead or restarted router stub will never answer (default 1; 0: off)",
     "log_level": "critical|error|warning|info|debug (default info)",
+    "triton_metrics_url": "Triton's /metrics, read by the /console cluster view (default: "
+    "http://<triton_url host>:8002/metrics)",
 }
 
 

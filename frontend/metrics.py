@@ -97,6 +97,10 @@ class Counter(_Metric):
     def value(self, *labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
+    def header(self) -> list[str]:
+        # text format 0.0.4: metadata names the sample, so a counter's HELP/TYPE carry `_total`
+        return [f"# HELP {self.name}_total {self.help}", f"# TYPE {self.name}_total counter"]
+
     def render(self) -> list[str]:
         lines = self.header()
         lines += [

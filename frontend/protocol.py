@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 
 from frontend.errors import APIError, invalid_request
+from frontend.guided import constraint_of, param_map_of
+from frontend.tools import ToolPlan, message_fields, plan_tools
 from trident.core.router_io import MAX_JSON_DEPTH, RouterRequest, json_problem
-from trident.core.types import SamplingParams
+from trident.core.types import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegInt32 = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
 PositiveInt32 = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
+TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)]
 
 
 class _Strict(BaseModel):
@@ -66,22 +70,23 @@ class _GenerationFields(_Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(strict=True, ge=-100.0, le=100.0)]] | None = None
     # Extensions (vLLM / Triton OpenAI frontend names).
     top_k: Annotated[int, Field(strict=True, ge=-1, le=INT32_MAX)] | None = None
     min_tokens: NonNegInt32 | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[TokenId] | None = None
-    repetition_penalty: Number | None = None
+    repetition_penalty: Annotated[float, Field(strict=True, gt=0.0)] | None = None
+    min_p: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | None = None
 
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage]
     max_completion_tokens: PositiveInt32 | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: NonNegInt | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -92,11 +97,17 @@ class CompletionRequest(_GenerationFields):
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: PositiveInt | None = None
-    logprobs: NonNegInt | None = None
+    logprobs: TopLogprobs | None = None
+    response_format: dict[str, Any] | None = None
 
 
 # Router input -> the OpenAI field a client sent, for error messages from the router.
-_ROUTER_PARAMS = {"random_seed": "seed", "stop_token_ids": "stop_token_ids"}
+_ROUTER_PARAMS = {
+    "random_seed": "seed",
+    "stop_token_ids": "stop_token_ids",
+    "logit_bias_ids": "logit_bias",
+    "logit_bias_values": "logit_bias",
+}
 
 
 def parse_body(raw: bytes, kind: type[_GenerationFields]) -> Any:
@@ -172,15 +183,7 @@ def validate_common(req: _GenerationFields, max_n: int) -> None:
         raise invalid_request(
             "stream_options: only allowed when stream is true", param="stream_options"
         )
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise invalid_request(f"{name}: not supported (only 0)", param=name)
-    if req.repetition_penalty not in (None, 1, 1.0):
-        raise invalid_request(
-            "repetition_penalty: not supported (only 1)", param="repetition_penalty"
-        )
-    if req.logit_bias:
-        raise invalid_request("logit_bias: not supported", param="logit_bias")
+    logit_bias_of(req)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if any(not s for s in stops):
         raise invalid_request("stop: stop strings must not be empty", param="stop")
@@ -188,32 +191,60 @@ def validate_common(req: _GenerationFields, max_n: int) -> None:
         raise invalid_request(f"stop: at most 16 stop strings, got {len(stops)}", param="stop")
 
 
+def logit_bias_of(req: _GenerationFields) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; its keys must be token ids (as strings).
+    Ids outside the model's vocabulary are refused by the engine (a 400 naming logit_bias)."""
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if token < 0 or token > INT32_MAX or str(token) != key.strip():
+            raise invalid_request(
+                f"logit_bias: keys must be token ids, got {key[:40]!r}", param="logit_bias"
+            )
+        pairs.append((token, bias))
+    return tuple(pairs)
+
+
 def validate_chat(req: ChatCompletionRequest, max_n: int) -> list[dict[str, str]]:
     """Validate a chat request; return its messages as the router's chat JSON."""
     validate_common(req, max_n)
-    for name in ("logprobs", "top_logprobs"):
-        if getattr(req, name):
-            raise invalid_request(f"{name}: not supported", param=name)
-    if req.tools:
-        raise invalid_request("tools: tool calling is not supported", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise invalid_request("tool_choice: tool calling is not supported", param="tool_choice")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
+    if req.top_logprobs is not None and not req.logprobs:
         raise invalid_request(
-            f"response_format: only type 'text' is supported, got {fmt!r}", param="response_format"
+            "top_logprobs: requires logprobs to be true", param="top_logprobs"
         )
+    guided_constraint(req)  # tools, tool_choice, response_format, guided_* (400s name the field)
     if not req.messages:
         raise invalid_request("messages: must contain at least one message", param="messages")
-    return [_flatten_message(i, m) for i, m in enumerate(req.messages)]
+    return [
+        {**_flatten_message(i, m), **message_fields(i, m.role, m.model_extra)}
+        for i, m in enumerate(req.messages)
+    ]
+
+
+def tool_plan(req: _GenerationFields) -> ToolPlan | None:
+    """The request's tools and tool_choice (`frontend.tools`); None without tools."""
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    return plan_tools(
+        req.tools, req.tool_choice, (req.model_extra or {}).get("parallel_tool_calls")
+    )
+
+
+def guided_constraint(req: _GenerationFields) -> tuple[str, str] | None:
+    """(client field, structured_outputs JSON) constraining the output (`frontend.guided`)."""
+    plan = tool_plan(req)
+    return constraint_of(req, plan.constraint() if plan is not None else None)
 
 
 def _flatten_message(index: int, message: ChatMessage) -> dict[str, str]:
     where = f"messages[{index}]"
     role = "system" if message.role == "developer" else message.role
-    if role not in ("system", "user", "assistant"):
+    if role not in ("system", "user", "assistant", "tool"):
         raise invalid_request(
-            f"{where}.role: must be 'system', 'developer', 'user' or 'assistant', got {message.role!r}",
+            f"{where}.role: must be 'system', 'developer', 'user', 'assistant' or 'tool', got {message.role!r}",
             param=f"{where}.role",
         )
     content = message.content
@@ -239,8 +270,7 @@ def _flatten_message(index: int, message: ChatMessage) -> dict[str, str]:
 def validate_completion(req: CompletionRequest, max_n: int) -> list[str | tuple[int, ...]]:
     """Validate a completion request; return its prompts (text or token ids)."""
     validate_common(req, max_n)
-    if req.logprobs is not None:
-        raise invalid_request("logprobs: not supported", param="logprobs")
+    guided_constraint(req)  # response_format, guided_* (400s name the field)
     if req.suffix:
         raise invalid_request("suffix: not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -292,6 +322,7 @@ def to_router_requests(
             {"text_input": p} if isinstance(p, str) else {"input_ids": p} for p in prompts or []
         ]
     out = []
+    plan = tool_plan(req)
     for p, prompt_input in enumerate(inputs):
         for k in range(req.n):
             index = p * req.n + k
@@ -305,6 +336,7 @@ def to_router_requests(
                     stop=stops,
                     stream=req.stream,
                     **prompt_input,
+                    tools=plan.tools if plan is not None and messages is not None else None,
                 )
             )
     return out
@@ -321,8 +353,25 @@ def _sampling(req: _GenerationFields, max_tokens: int | None, seed: int | None) 
         "seed": seed,
         "stop_token_ids": tuple(req.stop_token_ids) if req.stop_token_ids else None,
         "ignore_eos": req.ignore_eos,
+        "structured_outputs": (guided_constraint(req) or (None, None))[1],
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_p": req.min_p,
+        "logit_bias": logit_bias_of(req) or None,
+        **_logprobs(req),
     }
     return SamplingParams(**{k: v for k, v in sent.items() if v is not None})
+
+
+def _logprobs(req: _GenerationFields) -> dict[str, int | None]:
+    """SamplingParams.logprobs / prompt_logprobs: chat `logprobs` + `top_logprobs`;
+    completions `logprobs: k`, and with `echo` the prompt's too."""
+    if isinstance(req, ChatCompletionRequest):
+        return {"logprobs": (req.top_logprobs or 0) if req.logprobs else None}
+    if isinstance(req, CompletionRequest) and req.logprobs is not None:
+        return {"logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
+    return {}
 
 
 def router_param_map(req: _GenerationFields, chat: bool) -> dict[str, str]:
@@ -331,6 +380,9 @@ def router_param_map(req: _GenerationFields, chat: bool) -> dict[str, str]:
     prompt_field = "messages" if chat else "prompt"
     return {
         **_ROUTER_PARAMS,
+        **param_map_of((guided_constraint(req) or (None, None))[0]),
+        "logprobs": "top_logprobs" if chat else "logprobs",
+        "prompt_logprobs": "logprobs",
         "max_tokens": budget_field,
         "text_input": prompt_field,
         "input_ids": prompt_field,

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from frontend.errors import APIError, service_unavailable
+from frontend.logprobs import CompletionLogprobs, chat_content
 from frontend.metrics import FrontendMetrics
+from frontend.tools import ToolCallParser, ToolPlan, collect, tool_finish_reason
 from frontend.triton_client import RouterClient
 from trident.core.router_io import RouterDelta, RouterRequest
 
@@ -53,6 +55,10 @@ class ChoiceState:
     first_token_at: float | None = None
     last_token_at: float | None = None
     started: bool = False
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # chat: logprobs.content
+    completion_logprobs: CompletionLogprobs = field(default_factory=CompletionLogprobs)
+    new_logprobs: Any = None  # what the latest delta added (a streamed chunk's logprobs)
+    worker: str = ""  # the router's `worker` output: who served it ("prefill>decode" if split)
 
 
 class Generation:
@@ -79,6 +85,7 @@ class Generation:
         self.model = model
         self.started_at = time.monotonic()
         self.streaming = all(r.stream for r in requests)
+        self.with_logprobs = any(r.sampling.logprobs is not None for r in requests)
         self.choices = [ChoiceState(index=i, prompt_index=i // n) for i in range(len(requests))]
 
     async def deltas(self) -> AsyncGenerator[tuple[int, RouterDelta], None]:
@@ -137,11 +144,23 @@ class Generation:
         choice.text.append(delta.text_output)
         choice.prompt_tokens = delta.num_input_tokens or choice.prompt_tokens
         choice.cached_tokens = delta.cached_tokens or choice.cached_tokens
+        choice.worker = delta.worker or choice.worker
         choice.completion_tokens = max(
             delta.num_output_tokens, choice.completion_tokens + len(delta.output_ids)
         )
         if delta.finish_reason:
             choice.finish_reason = check_finish_reason(delta.finish_reason)
+        if self.with_logprobs:
+            self._record_logprobs(choice, delta)
+
+    def _record_logprobs(self, choice: ChoiceState, delta: RouterDelta) -> None:
+        if self.requests[choice.index].messages is not None:  # chat
+            content = chat_content(delta)
+            choice.logprobs.extend(content)
+            choice.new_logprobs = {"content": content} if content else None
+        else:
+            part = choice.completion_logprobs.add(delta, echo=bool(delta.prompt_ids))
+            choice.new_logprobs = part if part["tokens"] else None
 
     def usage(self) -> dict[str, Any]:
         """OpenAI `usage`: prompts counted once per prompt, completions per choice."""
@@ -157,6 +176,10 @@ class Generation:
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+
+    def served_by(self) -> dict[str, Any]:
+        """Trident's extension of a response body: the workers behind each choice."""
+        return {"workers": [c.worker for c in self.choices]}
 
     def finish(self) -> None:
         """Record the end-to-end metrics of a generation that completed."""
@@ -216,6 +239,8 @@ class ResponseShape:
         self.model = model
         self.created = created
         self.echo = echo  # prompts to prepend (completions with echo=true), by prompt index
+        self.tools: ToolPlan | None = None  # chat with tools: set by the route handler
+        self._tool_parsers: dict[int, ToolCallParser] = {}  # by choice index, when streaming
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -226,13 +251,20 @@ class ResponseShape:
             text = "".join(c.text)
             if self.echo is not None:
                 text = self.echo[c.prompt_index] + text
+            logprobs = None
+            if generation.with_logprobs:
+                logprobs = {"content": c.logprobs} if self.chat else c.completion_logprobs.body()
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None, "tool_calls": []}
+                if self.tools is not None and self.tools.choice != "none":
+                    parser = self.tools.parser()
+                    message["content"], message["tool_calls"] = collect(parser, text)
+                    c.finish_reason = tool_finish_reason(parser, c.finish_reason)
                 choices.append(
                     {
                         "index": c.index,
                         "message": message,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
                     }
                 )
@@ -241,16 +273,22 @@ class ResponseShape:
                     {
                         "index": c.index,
                         "text": text,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
                     }
                 )
         body = self._envelope("chat.completion" if self.chat else "text_completion")
         body.update(choices=choices, usage=generation.usage(), system_fingerprint=None)
+        body["trident"] = generation.served_by()
         return body
 
     def chunk(
-        self, index: int, text: str | None, finish_reason: str | None, role: bool = False
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        role: bool = False,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
         if self.chat:
@@ -260,14 +298,14 @@ class ResponseShape:
             choice = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
             choice = {
                 "index": index,
                 "text": text or "",
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         body["choices"] = [choice]
@@ -277,6 +315,31 @@ class ResponseShape:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion")
         body.update(choices=[], usage=usage)
         return body
+
+    def tool_chunks(
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        logprobs: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """Chat chunks of a choice with tools: its text through the choice's `ToolCallParser`
+        (content and tool-call deltas), then, at the end, a chunk with the finish reason."""
+        assert self.tools is not None
+        parser = self._tool_parsers.setdefault(index, self.tools.parser())
+        deltas = parser.feed(text or "")
+        if finish_reason:
+            deltas += parser.finish()
+        out = []
+        for delta in deltas:
+            body = self.chunk(index, None, None)
+            body["choices"][0]["delta"] = delta
+            out.append(body)
+        if logprobs and out:
+            out[0]["choices"][0]["logprobs"] = logprobs
+        if finish_reason:
+            out.append(self.chunk(index, None, tool_finish_reason(parser, finish_reason)))
+        return out
 
 
 async def stream_events(
@@ -307,7 +370,7 @@ async def stream_events(
                     break
         generation.finish()
         if include_usage:
-            yield sse(shape.usage_chunk(generation.usage()))
+            yield sse({**shape.usage_chunk(generation.usage()), "trident": generation.served_by()})
     except APIError as exc:
         logger.warning("stream %s failed after it started: %s", shape.id, exc.message)
         yield sse(exc.body())
@@ -333,10 +396,14 @@ def _events_of(
             events.append(
                 sse(_with_usage(shape.chunk(index, None, None, role=True), None, include_usage))
             )
-    if text or delta.finish_reason:
+    logprobs, choice.new_logprobs = choice.new_logprobs, None
+    if text or delta.finish_reason or logprobs:
         usage = generation.usage() if continuous_usage else None
-        chunk = shape.chunk(index, text, choice.finish_reason)
-        events.append(sse(_with_usage(chunk, usage, include_usage)))
+        if shape.tools is not None and shape.tools.choice != "none":
+            chunks = shape.tool_chunks(index, text, choice.finish_reason, logprobs)
+        else:
+            chunks = [shape.chunk(index, text, choice.finish_reason, logprobs=logprobs)]
+        events.extend(sse(_with_usage(c, usage, include_usage)) for c in chunks)
     return events
 
 

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from frontend.errors import APIError, from_triton_message, invalid_request, service_unavailable
 from frontend.router_watch import RouterWatch
+from trident.core import tracing
 from trident.core.contract import ROUTER_INPUTS, ROUTER_OUTPUTS
 from trident.core.errors import ValidationError
 from trident.core.names import ADMIN_KEY_GRPC_HEADER, is_worker_model, replica_name
@@ -131,8 +132,13 @@ class RouterClient:
             field = (param_map or {}).get(exc.field, exc.field)
             raise invalid_request(f"{field}: {exc.message}", param=field) from None
 
+        span = tracing.start("frontend.request", request_id=req.request_id)
+
         async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.router_model, "inputs": inputs, "request_id": req.request_id}
+            item = {"model_name": self.router_model, "inputs": inputs, "request_id": req.request_id}
+            if span is not None:  # the trace continues in the router (trident.core.tracing)
+                item["parameters"] = {tracing.TRACEPARENT: tracing.traceparent(span)}
+            yield item
 
         stream = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout_s)
         answered = False  # the request's last response (final or error) has arrived
@@ -161,6 +167,7 @@ class RouterClient:
                     f"{tracked.lost}; the request was lost with it: retry it"
                 ) from None
         finally:
+            tracing.end(span)
             self.watch.untrack(tracked)
             if answered:
                 self._let_end(stream)

@@ -51,6 +51,8 @@ HELP = {
     "k8s_namespace": "Kubernetes namespace of the worker workloads",
     "k8s_workloads": "pool=kind/name pairs, e.g. decode=statefulset/trident-decode,prefill=statefulset/trident-prefill",
     "log_level": "debug, info, warning, error",
+    "exporter_host": "address of the planner's own /metrics (planner.exporter)",
+    "exporter_port": "port of the planner's own /metrics (0 = not served)",
 }
 
 
@@ -87,6 +89,8 @@ class PlannerConfig:
     k8s_namespace: str = "default"
     k8s_workloads: str = ""
     log_level: str = "info"
+    exporter_host: str = "127.0.0.1"
+    exporter_port: int = 0
 
     def validate(self) -> PlannerConfig:
         _one_of("mode", self.mode, MODES)
@@ -108,6 +112,8 @@ class PlannerConfig:
             raise ConfigError(f"need 1 <= min_decode <= max_decode, got {self.min_decode}, {self.max_decode}")
         if not 0 <= self.min_prefill <= self.max_prefill:
             raise ConfigError(f"need 0 <= min_prefill <= max_prefill, got {self.min_prefill}, {self.max_prefill}")
+        if not 0 <= self.exporter_port <= 65535:
+            raise ConfigError(f"exporter_port must be in 0..65535, got {self.exporter_port}")
         if self.down_windows < 1:
             raise ConfigError(f"down_windows must be >= 1, got {self.down_windows}")
         if self.forecast_windows < 2:

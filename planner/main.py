@@ -54,7 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = build_loop(config)
         logger.info("planner: mode %s, connector %s, pools %s, budget %g",
                     config.mode, loop.connector.name, ", ".join(config.pools), loop.budget)
-        loop.run(stop)
+        exporter = None
+        if config.exporter_port:
+            from planner.exporter import PlannerExporter
+
+            exporter = PlannerExporter(loop, config.exporter_host, config.exporter_port).start()
+        try:
+            loop.run(stop)
+        finally:
+            if exporter is not None:
+                exporter.stop()
     except TridentError as exc:
         logger.error("%s", exc)
         return 1

@@ -118,7 +118,7 @@ def _worker_load(worker: str, scrapes: Sequence[Scrape]) -> WorkerLoad:
     def mean(name: str) -> float:
         return sum(s.value(name, worker=worker) for s in scrapes[1:]) / (len(scrapes) - 1)
 
-    total = mean("trident_kv_blocks_total")
+    total = mean("trident_kv_blocks_capacity")
     return WorkerLoad(
         worker=worker,
         running=mean("trident_requests_running"),

@@ -97,7 +97,7 @@ def start_frontend(config: ServeConfig, ep: Endpoints, launcher: Launcher) -> Fr
         return None
     port = config.openai_port or free_port(config.host)
     argv = [sys.executable, "-m", "frontend", "--host", config.host, "--port", str(port),
-            "--triton-url", ep.grpc_url, "--log-level", config.log_level]
+            "--triton-url", ep.grpc_url, "--triton-metrics-url", ep.metrics_url, "--log-level", config.log_level]
     env = {**os.environ, "TRIDENT_FRONTEND_API_KEY": config.api_key, "TRIDENT_FRONTEND_TRITON_ADMIN_KEY": launcher.key}
     frontend = FrontendProcess(subprocess.Popen(argv, env=env), f"http://{config.host}:{port}")
     try:

@@ -25,13 +25,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_DTYPES = ("", "auto", "bfloat16", "float32", "float16")
 ROUTER_POLICIES = ("kv", "round_robin", "random", "least_loaded")  # router_ensemble.routing.policies.POLICIES
 ROLES = ("both", "router", "worker")
-ENGINES = ("torch", "vllm")  # plugins.triton.engines.ENGINES
+ENGINES = ("torch", "vllm", "trtllm")  # plugins.triton.engines.ENGINES
+TRTLLM_BLOCK_SIZE = 32  # plugins.trtllm.config.TrtllmEngineConfig.block_size
 VLLM_BLOCK_SIZE = 32  # plugins.vllm.config.VllmEngineConfig.block_size
 
 # field name -> help text; the order is the order of `trident serve --help`.
 _HELP = {
     "model": "GGUF file or Hugging Face directory ('' = default SmolLM2-135M-Instruct)",
-    "engine": "worker engine: torch (ours) or vllm (needs `make setup-vllm`; '' = model config, torch)",
+    "engine": "worker engine: torch (ours), vllm (needs `make setup-vllm`) or trtllm (NGC TensorRT-LLM image, GPU; "
+    "docker/Dockerfile.trtllm) ('' = model config, torch)",
     "host": "address the HTTP, gRPC and metrics endpoints bind to",
     "http_port": "HTTP port (0 = pick a free port)",
     "grpc_port": "gRPC port (0 = pick a free port)",
@@ -110,6 +112,8 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be in [0, 65535], got {port}")
         if self.engine and self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "trtllm" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device: --engine trtllm runs on CUDA only; set --device cuda, got {self.device!r}")
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
         # a router-only node, or a worker node of prefill workers, may have no decode worker
@@ -164,6 +168,10 @@ class ServeConfig:
             env["TRIDENT_ENGINE"] = self.engine
         if self.engine == "vllm":  # vLLM's CPU attention takes multiples of 32 tokens per block
             env["TRIDENT_ROUTER_BLOCK_SIZE"] = str(VLLM_BLOCK_SIZE)
+        if self.engine == "trtllm":  # TensorRT-LLM's tokens_per_block: the router hashes blocks alike
+            env["TRIDENT_ROUTER_BLOCK_SIZE"] = str(TRTLLM_BLOCK_SIZE)
+            if self.prefill:  # prefill and decode workers then hand KV over through TensorRT-LLM's transceiver
+                env["TRIDENT_CACHE_TRANSCEIVER"] = "DEFAULT"
         if self.model:
             env["TRIDENT_MODEL"] = os.path.abspath(os.path.expanduser(self.model))
         if self.dtype:

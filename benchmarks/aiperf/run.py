@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="limit per aiperf run")
     p.add_argument("--json", default="", help="write the results here as JSON")
+    p.add_argument("--plot", action="store_true", help="also write PNG plots beside --json (benchmarks.plots)")
     return p.parse_args(argv)
 
 
@@ -313,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    if args.plot:
+        from benchmarks.plots import write_plots
+
+        write_plots(args.json, {"benchmark": "aiperf", "runs": [asdict(r) for r in results]}, "aiperf")
     print(one_line(results))
     return 1 if any(r.errors for r in results) else 0
 

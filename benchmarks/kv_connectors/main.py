@@ -32,6 +32,7 @@ import time
 
 from benchmarks.common import Peer, setup_logging, write_json
 from benchmarks.kv_connectors.workers import serve
+from benchmarks.plots import add_plot_flag
 
 CONNECTORS = ("trident", "nixl")
 METRICS = ("prefill_s", "handoff_s", "decode_s", "ttft_s")
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compiled", action="store_true", help="let vLLM torch.compile (minutes per engine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_plot_flag(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -143,7 +145,7 @@ def report(args, sizes, stats, agree: bool, idle: dict[str, list[float]], loads)
         "benchmark": "kv_connectors", "args": vars(args), "time": time.time(), "stats": stats,
         "ratios_nixl_over_trident": ratios, "tokens_agree": agree, "idle_cpu": idle,
         "loadavg": {"before": loads[0], "after": loads[1]},
-    })
+    }, plot=args.plot, name="kv_connectors")
     n = sizes[-1]
     print(f"kv connector vs NIXL: handoff {ratios[n]['handoff_s']:.2f}x faster at {n} tokens "
           f"({ms(stats['trident'][n]['handoff_s']['median'])} vs {ms(stats['nixl'][n]['handoff_s']['median'])} ms), "

@@ -81,6 +81,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import setup_logging, write_json
+from benchmarks.plots import add_plot_flag
 from benchmarks.serve_vs_vllm.report import (
     BUSY_EXCESS,
     LoadClock,
@@ -168,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-dir", default="", help="server/client logs and vLLM's result files ('' = a new temp dir)")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
+    add_plot_flag(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_settings": VLLM_SETTINGS, "workloads": [{"name": w.name, "decode": w.decode, "description": w.description,
                                                        "flags": list(w.flags)} for w in works],
         "cpu_count": os.cpu_count(), "log_dir": log_dir, "medians": med, "runs": runs,
-    })
+    }, plot=args.plot, name="serve_vs_vllm")
     a, b, c = ratios(med, "trident-torch")
     print(f"\ntrident-torch vs vllm: random {a} req/s, shared-prefix {b} req/s, TTFT {c} lower")
     a, b, c = ratios(med, "trident-vllm")

@@ -124,7 +124,7 @@ def decode_handle(data: bytes) -> PoolHandle:
         kind=kind,
         pool_id=_field(body, "pool_id", str),
         pid=_field(body, "pid", int),
-        layout=_layout(body.get("layout")),
+        layout=parse_layout(body.get("layout")),
         num_blocks=num_blocks,
         shm_name=_field(body, "shm_name", str),
         device_uuid=_field(body, "device_uuid", str),
@@ -173,7 +173,8 @@ def _field(body: dict[str, Any], name: str, typ: type) -> Any:
     return value
 
 
-def _layout(raw: Any) -> KVLayout:
+def parse_layout(raw: Any) -> KVLayout:
+    """The `KVLayout` of a handle's msgpack `layout` field (also read by `plugins.trtllm.disagg`)."""
     if not isinstance(raw, list) or len(raw) != 6:
         raise KVTransferError("pool_handle.layout: expected 6 fields")
     layers, heads, head_dim, block_size, dtype, model_id = raw

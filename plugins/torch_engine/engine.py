@@ -25,6 +25,7 @@ from kv_manager.kv_cache_manager import KVCacheManager, KVLoad, ThreadedKVLoader
 from kv_manager.tiers.cache import TieredCache
 from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.torch_engine.config import TorchEngineConfig
+from plugins.torch_engine.grammar import EngineGrammar
 from plugins.torch_engine.runner import ModelRunner
 from plugins.torch_engine.sampler import make_state
 from plugins.torch_engine.scheduler import Scheduler
@@ -61,6 +62,7 @@ class TorchEngine(Engine):
         self._seqs: dict[str, Sequence] = {}  # loop thread only
         self._kv: KVCacheManager | None = None
         self._counters = {"prompt": 0, "cached": 0, "generated": 0}
+        self._grammar: EngineGrammar | None = None  # structured outputs (set by start)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +82,9 @@ class TorchEngine(Engine):
         self._kv = KVCacheManager(p.block_pool, loader, tiers, self.config.kv_offload)
         self.scheduler = Scheduler(self._kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(p.model, p.memory.tensor, self.config.block_size)
+        info = p.info
+        self._grammar = EngineGrammar(self.config.model, info.vocab_size, info.eos_token_ids, self.config.max_num_seqs)
+        self.runner.logits_hook = self._grammar.mask
         self._publish_stats()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.config.worker_id}", daemon=True)
         self._thread.start()
@@ -115,6 +120,8 @@ class TorchEngine(Engine):
             raise ValidationError("input_ids", f"the prompt needs {need} KV blocks, the pool holds {info.num_blocks}")
         if request.kv_descriptor is not None and request.first_token is None:
             raise ValidationError("first_token", "required with kv_descriptor")
+        if self._grammar is not None:
+            self._grammar.check(request.sampling.structured_outputs, request.sampling.min_tokens)  # compiled here
         self._post("submit", (request, sink))
 
     def abort(self, request_id: str) -> None:
@@ -183,6 +190,16 @@ class TorchEngine(Engine):
             seq.import_pending = True
             seq.token_ids.append(int(request.first_token or 0))
             seq.num_outputs = seq.num_emitted = 1  # the prefill worker already streamed it
+        if self._grammar is not None and request.sampling.structured_outputs is not None:
+            # Outputs produced elsewhere: a migrated request's last output_offset prompt
+            # tokens, then the first token a prefill worker sampled.
+            replay = list(request.input_ids[len(request.input_ids) - request.output_offset :])
+            replay += seq.token_ids[len(request.input_ids) :]
+            refused = self._grammar.start(request.request_id, request.sampling.structured_outputs, replay)
+            if refused is not None:
+                why = "the tokens generated so far do not match structured_outputs" if refused == FINISH_ERROR else None
+                _safe_send(sink, TokenChunk(request.request_id, (), True, refused, len(request.input_ids), error=why))
+                return
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -205,16 +222,23 @@ class TorchEngine(Engine):
                 self._finish(seq, FINISH_ERROR, error=f"engine step failed: {exc}")
             return
         self.scheduler.update(batch)
-        for seq, token in sampled:
-            self._on_token(seq, token)
+        for seq, token, logprob in sampled:
+            self._on_token(seq, token, logprob)
         self._publish_stats()
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprob: tuple | None = None) -> None:
         info = self.info()
         sp = seq.request.sampling
+        ended = self._grammar.on_token(seq.request_id, token) if self._grammar is not None else None
+        if ended is not None:  # the grammar is complete (at its stop token), or refused the token
+            self._finish(seq, ended, error="sampled a token structured_outputs refuses" if ended == FINISH_ERROR else None)
+            return
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in info.eos_token_ids):
             self._finish(seq, FINISH_STOP)
             return
+        if logprob is not None:
+            seq.logprobs.append(logprob[0])
+            seq.top_logprobs.append(logprob[1])
         seq.token_ids.append(token)
         seq.num_outputs += 1
         self._counters["generated"] += 1
@@ -227,12 +251,30 @@ class TorchEngine(Engine):
         new = tuple(seq.token_ids[seq.prompt_len + seq.num_emitted :]) if seq.num_outputs > seq.num_emitted else ()
         seq.num_emitted = seq.num_outputs
         chunk = TokenChunk(seq.request_id, new, finished, reason, seq.prompt_len, seq.cached_tokens, error, kv_descriptor)
+        if seq.logprobs or seq.prompt_logprobs:
+            chunk = self._with_logprobs(seq, chunk)
         if not _safe_send(seq.sink, chunk) and not finished:
             self._finish(seq, FINISH_ABORT)
+
+    @staticmethod
+    def _with_logprobs(seq: Sequence, chunk: TokenChunk) -> TokenChunk:
+        """`chunk` with the logprobs not yet emitted: one per new output id, and the prompt's
+        on the first chunk."""
+        first = seq.num_logprobs_emitted
+        seq.num_logprobs_emitted = len(seq.logprobs)
+        prompt: dict = {}
+        if not seq.prompt_logprobs_sent and seq.prompt_logprobs:
+            seq.prompt_logprobs_sent = True
+            prompt = {"prompt_logprobs": tuple(seq.prompt_logprobs), "prompt_top_logprobs": tuple(seq.prompt_top_logprobs)}
+        return replace(
+            chunk, logprobs=tuple(seq.logprobs[first:]), top_logprobs=tuple(seq.top_logprobs[first:]), **prompt
+        )
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if self._seqs.pop(seq.request_id, None) is None:
             return
+        if self._grammar is not None:
+            self._grammar.finish(seq.request_id)
         kv_descriptor = None
         # Only a prompt whose generation goes on (its one token reached max_tokens) is leased:
         # after EOS or a stop id as the first token nobody pulls, so its blocks are freed now.

@@ -154,7 +154,7 @@ class Scheduler:
             seq.num_computed = 0
             return None
         # Leave at least one token to compute so the step produces logits.
-        hits = self.kv.get_computed_blocks(seq, len(seq.token_ids) - 1)
+        hits = [] if seq.needs_prompt_logits else self.kv.get_computed_blocks(seq, len(seq.token_ids) - 1)
         computed = len(hits) * self.block_size
         num_new = min(len(seq.token_ids) - computed, budget)
         if self.kv.allocate_slots(seq, num_new, hits) is None:
@@ -172,7 +172,7 @@ class Scheduler:
         """Start loading the prompt blocks after the device hits that a lower KV tier holds:
         True when started (the sequence waits for KV), False when there is nothing to load,
         None when the pool is short."""
-        if seq.block_table or seq.skip_tiers or self.kv.tiers is None:
+        if seq.block_table or seq.skip_tiers or self.kv.tiers is None or seq.needs_prompt_logits:
             return False
         bs = self.block_size
         hits = self.kv.get_computed_blocks(seq, len(seq.token_ids) - 1)

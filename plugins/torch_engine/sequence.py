@@ -42,10 +42,30 @@ class Sequence:
     import_pending: bool = False  # the prompt's KV is to be loaded from a prefill worker
     load_target: int = 0  # tokens computed once the KV load in flight has finished
     skip_tiers: bool = False  # an onboarding from a KV tier failed: compute instead
+    # logprobs (SamplingParams.logprobs / prompt_logprobs), not yet emitted ones included
+    logprobs: list[float] = field(default_factory=list)  # one per output appended in this run
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    num_logprobs_emitted: int = 0
+    prompt_logprobs: list[float] = field(default_factory=list)  # prompt tokens 1.. so far
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether every prompt position's logits are needed (prompt logprobs): such a
+        prompt is computed in full, never read from a prefix cache, as in vLLM."""
+        request = self.request
+        return request.sampling.prompt_logprobs is not None and request.kv_descriptor is None
+
+    @property
+    def output_start(self) -> int:
+        """Where the request's outputs begin in `token_ids` (a migrated request's earlier
+        outputs are the end of its prompt)."""
+        return self.prompt_len - self.request.output_offset
 
     @property
     def num_pending(self) -> int:

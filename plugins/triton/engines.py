@@ -1,4 +1,4 @@
-"""Which engine a worker model runs: the `engine` parameter of its config ("torch", "vllm"),
+"""Which engine a worker model runs: the `engine` parameter of its config ("torch", "vllm", "trtllm"),
 or `TRIDENT_ENGINE` (which wins, as for every engine setting)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from trident.core.endpoints import engine_events_endpoint, events_dir
 from trident.core.errors import ConfigError
 from trident.core.settings import instance_device, is_unset
 
-ENGINES = ("torch", "vllm")
+ENGINES = ("torch", "vllm", "trtllm")
 
 
 def engine_kind(params: Mapping[str, str], env: Mapping[str, str] | None = None) -> str:
@@ -47,7 +47,14 @@ def build_engine(name: str, params: Mapping[str, str], args: Mapping[str, str]) 
     device = instance_device(args)
     if device is not None:  # a KIND_GPU instance: honour model_instance_device_id
         changes["device"] = device
-    if engine_kind(params) == "vllm":
+    kind = engine_kind(params)
+    if kind == "trtllm":  # TensorRT-LLM: NGC's trtllm-python-py3 images with a GPU only
+        from plugins.trtllm.config import TrtllmEngineConfig
+        from plugins.trtllm.engine import TrtllmEngine
+
+        config = TrtllmEngineConfig.from_mapping(params)
+        return TrtllmEngine(dataclasses.replace(config, **changes).validate())
+    if kind == "vllm":
         utf8_locale()
         from plugins.vllm.config import VllmEngineConfig
         from plugins.vllm.engine import VllmEngine

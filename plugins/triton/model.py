@@ -39,7 +39,9 @@ from plugins.base import Engine
 from plugins.triton.engines import build_engine
 from plugins.triton.events import WorkerEvents
 from plugins.triton.metrics import WorkerMetrics
+from trident.core import tracing
 from trident.core.errors import TridentError, ValidationError
+from trident.core.names import parse_replica
 from trident.core.settings import model_parameters
 from trident.core.triton_io import (
     close_quietly,
@@ -48,7 +50,7 @@ from trident.core.triton_io import (
     send_final_error,
     setup_logging,
 )
-from trident.core.types import FINISH_ERROR, TokenChunk
+from trident.core.types import FINISH_ERROR, GenerateRequest, TokenChunk
 from trident.core.worker_io import (
     WORKER_INPUTS,
     AbortCommand,
@@ -75,6 +77,8 @@ class _InFlight:
     # Serializes is_cancelled() (poller) against the final send (engine thread): once the
     # final response is out, Triton releases the request and asking about it is invalid.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    span: Any = None  # this hop's trace span (trident.core.tracing), ended by the last chunk
+    transfer: Any = None  # decode after a remote prefill: the KV pull, to the first token
 
 
 def worker_from_args(pb: Any, args: Mapping[str, Any]) -> WorkerModel:
@@ -123,6 +127,7 @@ class WorkerModel:
         self._poller = threading.Thread(target=self._poll_loop, name=f"{name}-poller", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_sends, name=f"{name}-watchdog", daemon=True)
         self.on_wedged: Any = lambda: os._exit(WEDGED_EXIT_CODE)  # tests replace it
+        tracing.configure(f"trident-{name}")  # on only with an OTLP endpoint in the environment
 
     def start(self) -> None:
         try:
@@ -173,7 +178,9 @@ class WorkerModel:
         with self._lock:
             if parsed.request_id in self._inflight:
                 raise ValidationError("request_id", f"{parsed.request_id!r} is already running on {self.name}")
-            self._inflight[parsed.request_id] = _InFlight(request, sender, time.monotonic())
+            entry = self._inflight[parsed.request_id] = _InFlight(request, sender, time.monotonic())
+        if tracing.enabled():
+            self._trace(entry, request, parsed)
         try:
             self.engine.submit(parsed, self._sink)
         except BaseException:
@@ -243,7 +250,21 @@ class WorkerModel:
                 self.on_wedged()
                 return
 
+    def _trace(self, entry: _InFlight, request: Any, parsed: GenerateRequest) -> None:
+        """Request thread: open this hop's span under the caller's (the BLS `traceparent`)."""
+        parent = json.loads(request.parameters() or "{}").get(tracing.TRACEPARENT)
+        role = (parse_replica(self.name) or ("worker", 0))[0]
+        attributes = {"request_id": parsed.request_id, "worker": self.name, "prompt_tokens": len(parsed.input_ids)}
+        entry.span = tracing.start(role, parent if isinstance(parent, str) else None, **attributes)
+        if parsed.kv_descriptor is not None:
+            entry.transfer = tracing.start("kv_transfer", tracing.traceparent(entry.span), **attributes)
+
     def _record_timing(self, entry: _InFlight, chunk: TokenChunk, now: float) -> None:
+        if entry.transfer is not None and (chunk.output_ids or chunk.finished):
+            tracing.end(entry.transfer)  # the pulled KV was in place: a token came from it
+            entry.transfer = None
+        if entry.span is not None and chunk.finished:
+            tracing.end(entry.span, chunk.error if chunk.finish_reason == FINISH_ERROR else "")
         n = len(chunk.output_ids)
         if self.metrics is not None and n:
             if entry.generated == 0:
@@ -298,5 +319,6 @@ class WorkerModel:
         if self._watchdog.is_alive():
             self._watchdog.join(timeout=5)
         self.engine.shutdown()
+        tracing.shutdown()
         if self.metrics is not None:
             self.metrics.close()

@@ -42,7 +42,9 @@ from plugins.base import ChunkSink, Engine, EngineInfo
 from plugins.vllm.config import VllmEngineConfig
 from plugins.vllm.handoff import DESCRIPTOR, HOLD, check_descriptor, check_hold, release_lease
 from plugins.vllm.kv_bridge import find_bridge
+from plugins.vllm.logprobs import check_mappable, output_logprobs, prompt_logprobs
 from plugins.vllm.stats import SchedulerStatsLogger
+from plugins.vllm.structured import check_structured
 from trident.core.errors import EngineError
 from trident.core.types import (
     FINISH_ABORT,
@@ -73,6 +75,7 @@ class VllmEngine(Engine):
         self._sinks: dict[str, ChunkSink] = {}  # loop thread only
         self._prompt_lens: dict[str, int] = {}
         self._prefilling: dict[str, int] = {}  # prompt tokens of requests without a first token
+        self._logprobs: dict[str, tuple] = {}  # (prompt, k, prompt k or None once sent), by request
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False
@@ -128,6 +131,8 @@ class VllmEngine(Engine):
             check_hold(request, self._bridge, info)
         if request.kv_descriptor is not None:
             check_descriptor(request, info)
+        check_mappable(request)
+        check_structured(request, has_tokenizer=False)  # setup.py: skip_tokenizer_init
         self._post("submit", (request, sink))
 
     def abort(self, request_id: str) -> None:
@@ -210,7 +215,7 @@ class VllmEngine(Engine):
             # prompt here (its KV is computed by this worker) and counts against the limits.
             prompt.append(int(request.first_token or 0))
             sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1,
-                                           min_tokens=max(0, sampling.min_tokens - 1))
+                                           min_tokens=max(0, sampling.min_tokens - 1), prompt_logprobs=None)
             transfer = {DESCRIPTOR: request.kv_descriptor}
             if sampling.max_tokens <= 0:  # nothing left to generate: only the lease to end
                 release_lease(self._bridge, request.kv_descriptor)
@@ -224,6 +229,8 @@ class VllmEngine(Engine):
             return
         self._sinks[rid] = sink
         self._prompt_lens[rid] = len(request.input_ids)
+        if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
+            self._logprobs[rid] = (tuple(prompt), sampling.logprobs or 0, sampling.prompt_logprobs)
         if request.kv_descriptor is None:  # a loaded prompt is no prefill work here
             self._prefilling[rid] = len(request.input_ids)
 
@@ -239,22 +246,43 @@ class VllmEngine(Engine):
             self._stats_logger.generated_tokens += len(tokens)
         if not out.finished:
             if tokens:
-                self._sinks[rid](TokenChunk(rid, tokens, num_input_tokens=self._prompt_lens[rid],
-                                            cached_tokens=out.num_cached_tokens or 0))
+                chunk = TokenChunk(rid, tokens, num_input_tokens=self._prompt_lens[rid],
+                                   cached_tokens=out.num_cached_tokens or 0)
+                self._sinks[rid](self._with_logprobs(rid, chunk, out, completion))
             return
         reason = _FINISH.get(completion.finish_reason if completion is not None else "", FINISH_STOP)
         if reason == FINISH_STOP and tokens and not isinstance(completion.stop_reason, str):
             tokens = tokens[:-1]  # the contract: the stop token (EOS or stop_token_ids) is not output
         descriptor = (out.kv_transfer_params or {}).get(DESCRIPTOR)  # a hold_kv request's lease
-        self._finish(rid, tokens, reason, out.num_cached_tokens or 0, kv_descriptor=descriptor)
+        extra = self._with_logprobs(rid, TokenChunk(rid, tokens), out, completion) if rid in self._logprobs else None
+        self._finish(rid, tokens, reason, out.num_cached_tokens or 0, kv_descriptor=descriptor, extra=extra)
+
+    def _with_logprobs(self, rid: str, chunk: TokenChunk, out, completion) -> TokenChunk:
+        """`chunk` with the logprobs vLLM returned for it (its tokens, and the prompt's once)."""
+        wanted = self._logprobs.get(rid)
+        if wanted is None:
+            return chunk
+        prompt, k, prompt_k = wanted
+        values = output_logprobs(chunk.output_ids, completion.logprobs if completion is not None else None, k)
+        if getattr(out, "prompt_logprobs", None) and prompt_k is not None:
+            values.update(prompt_logprobs(prompt, out.prompt_logprobs, prompt_k))
+            self._logprobs[rid] = (prompt, k, None)
+        return dataclasses.replace(chunk, **values)
 
     def _finish(self, rid: str, tokens: tuple[int, ...], reason: str, cached: int = 0, error: str | None = None,
-                kv_descriptor: bytes | None = None) -> None:
+                kv_descriptor: bytes | None = None, extra: TokenChunk | None = None) -> None:
         sink = self._sinks.pop(rid)
         prompt_len = self._prompt_lens.pop(rid, 0)
         self._prefilling.pop(rid, None)
+        self._logprobs.pop(rid, None)
+        chunk = TokenChunk(rid, tokens, True, reason, prompt_len, cached, error, kv_descriptor)
+        if extra is not None:  # the logprobs of these tokens
+            chunk = dataclasses.replace(
+                chunk, logprobs=extra.logprobs, top_logprobs=extra.top_logprobs,
+                prompt_logprobs=extra.prompt_logprobs, prompt_top_logprobs=extra.prompt_top_logprobs,
+            )
         try:
-            sink(TokenChunk(rid, tokens, True, reason, prompt_len, cached, error, kv_descriptor))
+            sink(chunk)
         except Exception:
             logger.exception("engine %s: sink of %s failed", self.config.worker_id, rid)
 

@@ -16,6 +16,7 @@ from plugins.base import EngineInfo
 from plugins.vllm.config import VllmEngineConfig
 from plugins.vllm.kv_bridge import kv_layout
 from plugins.vllm.model_dir import hf_model_dir
+from plugins.vllm.structured import structured_outputs_params
 from trident.core.model_files import hf_eos_token_ids, model_id_for, resolve_model_path
 from trident.core.types import SamplingParams
 
@@ -146,6 +147,14 @@ def sampling_params(sampling: SamplingParams, kv_transfer_params: dict | None = 
         stop_token_ids=list(sampling.stop_token_ids),
         min_tokens=sampling.min_tokens,
         ignore_eos=sampling.ignore_eos,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        min_p=sampling.min_p,
+        logit_bias=dict(sampling.logit_bias) or None,
+        logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
+        structured_outputs=structured_outputs_params(sampling.structured_outputs),
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,

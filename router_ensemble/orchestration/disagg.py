@@ -255,13 +255,21 @@ class Route:
             # request ends here.
             yield replace(final, output_ids=tokens)
             return
-        first = TokenChunk(request.request_id, tokens, False, None, final.num_input_tokens, final.cached_tokens)
+        first = TokenChunk(
+            request.request_id, tokens, False, None, final.num_input_tokens, final.cached_tokens,
+            logprobs=final.logprobs, top_logprobs=final.top_logprobs,
+            prompt_logprobs=final.prompt_logprobs, prompt_top_logprobs=final.prompt_top_logprobs,
+        )
         try:
             yield first  # the client gets the first token now, before decode starts
         except GeneratorExit:  # a stop string or a cancel at the first token: nobody pulls
             prefill_client.abort(prefill, request.request_id)  # the prefill worker frees the lease now
             raise
-        decode_request = replace(request, kv_descriptor=final.kv_descriptor, first_token=tokens[0])
+        # (the first token's logprobs and the prompt's came from the prefill worker)
+        decode_request = replace(
+            request, kv_descriptor=final.kv_descriptor, first_token=tokens[0],
+            sampling=replace(request.sampling, prompt_logprobs=None),
+        )
         decoded = False
         try:
             for chunk in client.generate(self.decode, decode_request):
@@ -302,12 +310,15 @@ class Route:
             request, sampling=replace(sp, max_tokens=1, min_tokens=min(sp.min_tokens, 1)), hold_kv=True
         )
         tokens: list[int] = []
+        logprobs: dict[str, tuple] = {"logprobs": (), "top_logprobs": (), "prompt_logprobs": (), "prompt_top_logprobs": ()}
         final: TokenChunk | None = None
         try:
             for chunk in client.generate(prefill, prefill_request):
                 tokens.extend(chunk.output_ids)
+                for name in logprobs:
+                    logprobs[name] += getattr(chunk, name)
                 if chunk.finished:
-                    final = chunk
+                    final = replace(chunk, **logprobs)
         except WorkerUnavailable:
             raise
         except TridentError as exc:

@@ -117,6 +117,8 @@ def resumed(request: GenerateRequest, request_id: str, generated: tuple[int, ...
     sp = request.sampling
     n = len(generated)
     sampling = replace(sp, max_tokens=sp.max_tokens - n, min_tokens=max(0, sp.min_tokens - n))
+    if n:  # the prompt's logprobs came with the first token; the new prompt holds outputs
+        sampling = replace(sampling, prompt_logprobs=None)
     return replace(
         request, request_id=request_id, input_ids=request.input_ids + generated, sampling=sampling,
         output_offset=n, kv_descriptor=None, first_token=None,

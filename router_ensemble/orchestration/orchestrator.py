@@ -37,6 +37,7 @@ from router_ensemble.text.tokenizer import IncrementalDetokenizer, Tokenizer
 from trident.core.errors import EngineError, TridentError, ValidationError, WorkerAborted
 from trident.core.router_io import RouterDelta, RouterRequest
 from trident.core.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenChunk
+from trident.core.worker_io import flatten_top
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ Emit = Callable[[RouterDelta], None]
 class _Stream:
     """Per-request output state: detokenizer, stop matcher, what is not yet emitted."""
 
-    __slots__ = ("detok", "matcher", "worker", "input_tokens", "cached", "total", "text", "ids", "generated", "stopped")
+    __slots__ = (
+        "detok", "matcher", "worker", "input_tokens", "cached", "total", "text", "ids", "generated", "stopped",
+        "logprobs", "top_logprobs", "prompt", "prompt_ids", "token_texts",
+    )
 
     def __init__(self, detok: IncrementalDetokenizer, matcher: StopStringMatcher, worker: str, input_tokens: int) -> None:
         self.detok = detok
@@ -59,10 +63,20 @@ class _Stream:
         self.ids: list[int] = []  # not yet emitted
         self.generated: list[int] = []  # every output token, from every worker that served it
         self.stopped = False
+        self.logprobs: list[float] = []  # of `ids` (with SamplingParams.logprobs)
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self.prompt: TokenChunk | None = None  # the chunk with the prompt logprobs, until emitted
+        self.prompt_ids: tuple[int, ...] = ()  # sent with them (prompt_logprobs)
+        self.token_texts: Callable[[tuple[int, ...]], tuple[str, ...]] = lambda ids: ()
 
     def add(self, chunk: TokenChunk) -> None:
         # (a migrated attempt's prompt holds generated tokens too: report the prompt's share)
         self.cached = max(self.cached, min(chunk.cached_tokens, self.input_tokens))
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
+            self.top_logprobs.extend(chunk.top_logprobs)
+        if chunk.prompt_logprobs and self.prompt_ids and self.prompt is None:
+            self.prompt = chunk
         self.ids.extend(chunk.output_ids)
         self.generated.extend(chunk.output_ids)
         self.total += len(chunk.output_ids)
@@ -93,10 +107,35 @@ class _Stream:
             num_output_tokens=self.total,
             cached_tokens=self.cached,
             worker=self.worker,
+            **self._take_logprobs(),
         )
         self.text.clear()
         self.ids.clear()
         return delta
+
+    def _take_logprobs(self) -> dict[str, tuple]:
+        """The logprob outputs of the ids about to be emitted, and the prompt's once."""
+        out: dict[str, tuple] = {}
+        texts = self.token_texts
+        if self.logprobs:
+            ids, lps = flatten_top(tuple(self.top_logprobs))
+            out = {
+                "output_logprobs": tuple(self.logprobs), "top_logprob_ids": ids, "top_logprobs": lps,
+                "output_tokens": texts(tuple(self.ids)), "top_logprob_tokens": texts(ids),
+            }
+            self.logprobs.clear()
+            self.top_logprobs.clear()
+        if self.prompt_ids:
+            prompt = self.prompt
+            out.update(prompt_ids=self.prompt_ids, prompt_tokens=texts(self.prompt_ids))
+            if prompt is not None:
+                ids, lps = flatten_top(prompt.prompt_top_logprobs)
+                out.update(
+                    prompt_token_logprobs=prompt.prompt_logprobs, prompt_top_logprob_ids=ids,
+                    prompt_top_logprobs=lps, prompt_top_logprob_tokens=texts(ids),
+                )
+            self.prompt_ids, self.prompt = (), None
+        return out
 
 
 class Orchestrator:
@@ -124,13 +163,20 @@ class Orchestrator:
         if request.input_ids is not None:
             return request.input_ids
         if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
+            tools = {"tools": list(request.tools)} if request.tools else {}  # a template may render them
+            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, **tools)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(request.text_input or "", add_special_tokens=True)
         if not ids:
             raise ValidationError("text_input", "the prompt tokenizes to nothing")
         return tuple(ids)
+
+    def token_texts(self, ids: tuple[int, ...]) -> tuple[str, ...]:
+        """The text of each token alone (special tokens included), for logprobs."""
+        if not ids:
+            return ()
+        return tuple(self.tokenizer.backend.decode_batch([[i] for i in ids], skip_special_tokens=False))
 
     def run(self, request: RouterRequest, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> RouterDelta:
         """Serve one request, calling `emit` for each response; returns the final delta.
@@ -143,6 +189,10 @@ class Orchestrator:
         base_id = uuid.uuid4().hex
         generate = GenerateRequest(request_id=base_id, input_ids=ids, sampling=request.sampling)
         state = _Stream(self.tokenizer.detokenizer(), StopStringMatcher(request.stop), "", len(ids))
+        if request.sampling.prompt_logprobs is not None:
+            state.prompt_ids = ids
+        if request.sampling.logprobs is not None or request.sampling.prompt_logprobs is not None:
+            state.token_texts = self.token_texts
         exclude: tuple[str, ...] = ()
         moved, local_only = 0, False
         while True:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from router_ensemble.orchestration.ports import ChunkStream
+from trident.core import tracing
 from trident.core.errors import EngineError, WorkerUnavailable
 from trident.core.types import GenerateRequest
 from trident.core.worker_io import (
@@ -74,7 +75,15 @@ class BlsWorkerClient:
         return bool(self.pb.is_model_ready(model_name=name))
 
     def generate(self, worker: str, request: GenerateRequest) -> ChunkStream:
-        responses = self._exec(worker, encode_generate_inputs(request), WORKER_OUTPUTS.names)
+        # a child of the router's request span; the worker continues it (trident.core.tracing)
+        span = tracing.start("router.call", request_id=request.request_id, worker=worker)
+        try:
+            responses = self._exec(
+                worker, encode_generate_inputs(request), WORKER_OUTPUTS.names, tracing.traceparent(span)
+            )
+        except BaseException as exc:
+            tracing.end(span, str(exc))
+            raise
         finished = False
         try:
             for response in responses:
@@ -98,6 +107,7 @@ class BlsWorkerClient:
             for _ in responses:
                 pass
             _retire(responses)
+            tracing.end(span)
 
     def abort(self, worker: str, request_id: str) -> None:
         """Ask `worker` to abort `request_id` (no-op if it already finished)."""
@@ -110,12 +120,14 @@ class BlsWorkerClient:
         except Exception as exc:  # the worker may be unloading; its own cleanup frees blocks
             logger.warning("worker=%s abort of %s failed: %s", worker, request_id, exc)
 
-    def _exec(self, worker: str, arrays: dict[str, Any], outputs: tuple[str, ...]) -> Any:
+    def _exec(self, worker: str, arrays: dict[str, Any], outputs: tuple[str, ...], traceparent: str = "") -> Any:
         pb = self.pb
+        extra = {"parameters": {tracing.TRACEPARENT: traceparent}} if traceparent else {}
         bls = pb.InferenceRequest(
             model_name=worker,
             inputs=[pb.Tensor(name, value) for name, value in arrays.items()],
             requested_output_names=list(outputs),
+            **extra,
         )
         try:
             return bls.exec(decoupled=True)

@@ -12,7 +12,7 @@ pool it routes, `decode` or `prefill`):
   each (device 1, host and disk less; see `routing.policies`);
 - `trident_router_prompt_tokens_total`, `trident_router_cached_tokens_total`: what the engines
   reported for finished requests (prompt tokens, and those served from the prefix cache);
-- `trident_router_cache_hit_rate{kind}`: `predicted` (overlap / prompt blocks) and `served`
+- `trident_router_cache_hit_ratio{kind}`: `predicted` (overlap / prompt blocks) and `served`
   (cached / prompt tokens) since the router started;
 - `trident_router_live_workers`: workers the router currently routes to;
 - `trident_router_migrations_total{cause}` (no `pool` label): requests moved to another
@@ -67,7 +67,7 @@ class RoutingMetricsExporter:
         kinds = {
             "trident_router_decisions_total": ("COUNTER", "Requests routed to each worker"),
             "trident_router_decision_seconds": ("HISTOGRAM", "Time of one routing decision, by phase"),
-            "trident_router_cache_hit_rate": ("GAUGE", "Prefix-cache hit rate since start (predicted, served)"),
+            "trident_router_cache_hit_ratio": ("GAUGE", "Prefix-cache hit rate since start (predicted, served)"),
             "trident_router_live_workers": ("GAUGE", "Workers the router currently routes to"),
             "trident_router_migrations_total": ("COUNTER", "Requests moved to another worker after theirs was lost"),
             **{name: ("COUNTER", description) for name, (_, description) in _COUNTERS.items()},
@@ -101,8 +101,8 @@ class RoutingMetricsExporter:
             self._increment("trident_router_decisions_total", float(count), pool=pool, worker=worker, policy=policy)
         for name, (key, _) in _COUNTERS.items():
             self._increment(name, float(snap[key]), pool=pool)
-        self._set("trident_router_cache_hit_rate", snap["predicted_hit_rate"], pool=pool, kind="predicted")
-        self._set("trident_router_cache_hit_rate", snap["served_hit_rate"], pool=pool, kind="served")
+        self._set("trident_router_cache_hit_ratio", snap["predicted_hit_rate"], pool=pool, kind="predicted")
+        self._set("trident_router_cache_hit_ratio", snap["served_hit_rate"], pool=pool, kind="served")
         self._set("trident_router_live_workers", float(len(router.workers())), pool=pool)
 
     def _increment(self, name: str, total: float, **labels: str) -> None:

@@ -34,6 +34,7 @@ from router_ensemble.triton.grpc_client import GrpcWorkerClient
 from router_ensemble.triton.kv_routing import PoolRouting
 from router_ensemble.triton.metrics_exporter import RoutingMetricsExporter
 from router_ensemble.triton.remote import NodeRoutedClient, RemoteWorkers
+from trident.core import tracing
 from trident.core.draining import DrainMarkers
 from trident.core.endpoints import events_dir
 from trident.core.errors import ConfigError, TridentError
@@ -110,6 +111,7 @@ class RouterModel:
         self.pb = pb
         self.name = name
         self.settings = settings = RouterSettings.from_params(params)
+        tracing.configure(f"trident-{name}")  # on only with an OTLP endpoint in the environment
         bls = BlsWorkerClient(pb)
         client: Any = bls
         socket_dir = events_dir(params)
@@ -193,9 +195,13 @@ class RouterModel:
             sender.send(response(pb, encode_router_outputs(delta)), flags=flags)
 
         try:
-            check_parameters(json.loads(request.parameters() or "{}"))
+            parameters = json.loads(request.parameters() or "{}")
+            parent = parameters.pop(tracing.TRACEPARENT, None)  # the caller's trace, if any
+            check_parameters(parameters)
             parsed = parse_router_inputs(read_inputs(pb, request, ROUTER_INPUTS.names))
-            self.orchestrator.run(parsed, emit, request.is_cancelled)
+            with tracing.span("router.request", parent if isinstance(parent, str) else None,
+                              request_id=parsed.request_id, router=self.name):
+                self.orchestrator.run(parsed, emit, request.is_cancelled)
         except TridentError as exc:
             logger.info("request failed: %s", exc)
             self._send_error(sender, exc)
@@ -240,6 +246,7 @@ class RouterModel:
         if self.remote is not None:
             self.remote.close()
         release_retired()
+        tracing.shutdown()
         logger.debug("router %s: finalized", self.name)
 
 

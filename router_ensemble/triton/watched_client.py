@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from router_ensemble.orchestration.ports import ChunkStream, WorkerClient
+from trident.core import tracing
 from trident.core.errors import WorkerUnavailable
 from trident.core.types import GenerateRequest, TokenChunk
 
@@ -103,7 +104,8 @@ class WatchedWorkerClient:
         items: queue.SimpleQueue[object] = queue.SimpleQueue()
         stop = threading.Event()
         done = threading.Event()
-        _PUMPS.submit(lambda: self._pump(worker, request, items, stop, done))
+        context = tracing.capture()  # the request's trace continues on the helper thread
+        _PUMPS.submit(lambda: tracing.run_in(context, self._pump, worker, request, items, stop, done))
         last = time.monotonic()
         finished = gone = False
         try:

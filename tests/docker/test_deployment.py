@@ -146,6 +146,7 @@ def test_build_context_keeps_what_the_image_needs() -> None:
         "trident/cli.py",
         "planner/main.py",
         "frontend/app.py",
+        "frontend/console/index.html",
         "plugins/torch_engine/config.py",
     ]
     for path in needed:
@@ -247,7 +248,12 @@ def _container_env(manifests: list[Manifest], deployment: str, namespace: str) -
 
 def _set_names(manifests: list[Manifest], compose: dict[str, Any]) -> set[str]:
     names = set(dockerfile_env(DOCKERFILE.read_text()))
-    names |= {k for m in find(manifests, "ConfigMap") for k in m.doc["data"]}
+    settings = [
+        m
+        for m in find(manifests, "ConfigMap")
+        if "grafana_dashboard" not in m.doc["metadata"]["labels"]
+    ]
+    names |= {k for m in settings for k in m.doc["data"]}  # a dashboard's keys are file names
     for d in find(manifests, "Deployment"):
         names |= {e["name"] for c in _pod(d)["containers"] for e in c.get("env", [])}
     for service in compose["services"].values():
@@ -376,4 +382,5 @@ def test_compose_essentials(compose: dict[str, Any], known_env: dict[str, str]) 
 def test_compose_defaults_publish_nothing_beyond_loopback() -> None:
     text = COMPOSE.read_text()
     assert interpolate("${PUBLISH_ADDRESS:-127.0.0.1}:9000:9000") == "127.0.0.1:9000:9000"
-    assert re.findall(r"^\s*- (\S+):\d+:\d+", text, re.M) == ["${PUBLISH_ADDRESS:-127.0.0.1}"] * 4
+    # the server's four ports, plus Prometheus and Grafana of the `monitoring` profile
+    assert re.findall(r"^\s*- (\S+):\d+:\d+", text, re.M) == ["${PUBLISH_ADDRESS:-127.0.0.1}"] * 6

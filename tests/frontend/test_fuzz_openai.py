@@ -88,23 +88,26 @@ COMMON_FIELDS = {
         JSON_VALUES,
     ),
     "user": Field(WORDS, TEXT),
-    "presence_penalty": Field(st.just(0), ANY_FLOAT),
-    "frequency_penalty": Field(st.just(0.0), ANY_FLOAT),
+    "presence_penalty": Field(st.floats(-2, 2), ANY_FLOAT),
+    "frequency_penalty": Field(st.floats(-2, 2), ANY_FLOAT),
     "logit_bias": Field(
-        st.none() | st.just({}), st.dictionaries(st.text(max_size=4), st.integers())
+        st.none()
+        | st.dictionaries(st.integers(0, VOCAB_SIZE - 1).map(str), st.floats(-100, 100), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers()),
     ),
+    "min_p": Field(st.floats(0, 1), ANY_FLOAT),
     "top_k": Field(st.integers(-1, 50), HUGE),
     "min_tokens": Field(st.integers(0, 4), st.integers(-2, -1) | HUGE),
     "ignore_eos": Field(st.booleans()),
     "stop_token_ids": Field(IDS | st.just([]), BAD_IDS),
-    "repetition_penalty": Field(st.just(1.0), ANY_FLOAT),
+    "repetition_penalty": Field(st.floats(0.5, 2), ANY_FLOAT),
 }
 CHAT_FIELDS = {
     **COMMON_FIELDS,
     "messages": Field(messages(valid=True), messages(valid=False) | JSON_VALUES),
     "max_completion_tokens": Field(st.integers(1, 4), BAD_BUDGETS),
-    "logprobs": Field(st.just(False), st.just(True)),
-    "top_logprobs": Field(st.just(0), st.integers(1, 2)),
+    "logprobs": Field(st.booleans()),
+    "top_logprobs": Field(st.none(), st.integers(0, 21)),
     "response_format": Field(
         st.just({"type": "text"}), st.just({"type": "json_object"}) | JSON_VALUES
     ),
@@ -122,7 +125,10 @@ COMPLETION_FIELDS = {
     "echo": Field(st.booleans()),
     "suffix": Field(st.none() | st.just(""), TEXT),
     "best_of": Field(st.none(), st.integers(1, 3)),
-    "logprobs": Field(st.none(), st.integers(0, 2)),
+    "logprobs": Field(st.none() | st.integers(0, 20), st.integers(21, 30)),
+    "response_format": Field(
+        st.just({"type": "text"}), st.just({"type": "json_object"}) | JSON_VALUES
+    ),
 }
 FIELDS = {"/v1/chat/completions": CHAT_FIELDS, "/v1/completions": COMPLETION_FIELDS}
 REQUIRED = {

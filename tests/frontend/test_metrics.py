@@ -23,12 +23,13 @@ def test_counter_and_escaping() -> None:
     c = Counter("reqs", "requests", ("endpoint",))
     c.inc('a"b')
     assert 'reqs_total{endpoint="a\\"b"} 1.0' in c.render()
+    assert "# TYPE reqs_total counter" in c.render()
 
 
 def test_frontend_metrics_render_every_family() -> None:
     text = FrontendMetrics().render()
     for family in (
-        "trident_frontend_requests",
+        "trident_frontend_requests_total",
         "trident_frontend_inflight_requests",
         "trident_frontend_time_to_first_token_seconds",
         "trident_frontend_inter_token_latency_seconds",

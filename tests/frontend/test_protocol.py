@@ -90,8 +90,17 @@ def test_json_nested_past_the_limit_names_the_field() -> None:
         ({"min_tokens": -1}, "min_tokens"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"presence_penalty": "1"}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"logit_bias": {"1": 101}}, "logit_bias.1"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": "5"}}, "logit_bias.1"),
         # INT32 inputs: numpy would wrap these silently (2**40 tokens became 0, top_k 2**40 off)
         ({"max_tokens": 2**40}, "max_tokens"),
         ({"max_completion_tokens": 2**31}, "max_completion_tokens"),
@@ -100,10 +109,10 @@ def test_json_nested_past_the_limit_names_the_field() -> None:
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
         ({"user": "a\udfffb"}, "user"),
         ({"stream_options": {"\ud800": True}}, "stream_options"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"logit_bias": {"x": 5}}, "logit_bias"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"model": 7}, "model"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
@@ -166,7 +175,9 @@ def test_unknown_fields_are_ignored() -> None:
         ({"model": "m", "prompt": [1, 2], "echo": True}, "echo"),
         ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
         ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
-        ({"model": "m", "prompt": "x", "logprobs": 1}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": True}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
     ],
 )
 def test_bad_completion_field_is_named(body: dict[str, object], param: str) -> None:
@@ -244,3 +255,24 @@ def test_router_errors_name_the_openai_field() -> None:
         router_param_map(req, True),
     )
     assert (too_long.param, too_long.code) == ("max_completion_tokens", "context_length_exceeded")
+
+
+def test_sampling_fields_reach_the_router_request() -> None:
+    body = _chat(
+        logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=-1.0,
+        repetition_penalty=1.2, min_p=0.1, logit_bias={"7": -100, "12": 2.5},
+    )
+    req = parse_body(body, ChatCompletionRequest)
+    (routed,) = to_router_requests(req, None, validate_chat(req, 1), "c", default_max_tokens=None)
+    sp = routed.sampling
+    assert (sp.logprobs, sp.prompt_logprobs) == (3, None)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.min_p) == (0.5, -1.0, 1.2, 0.1)
+    assert sp.logit_bias == ((7, -100), (12, 2.5))
+
+
+def test_completion_echo_with_logprobs_asks_for_prompt_logprobs() -> None:
+    for echo, prompt_logprobs in ((True, 2), (False, None)):
+        body = json.dumps({"model": "m", "prompt": "x", "logprobs": 2, "echo": echo}).encode()
+        req = parse_body(body, CompletionRequest)
+        (routed,) = to_router_requests(req, validate_completion(req, 1), None, "c", None)
+        assert (routed.sampling.logprobs, routed.sampling.prompt_logprobs) == (2, prompt_logprobs)

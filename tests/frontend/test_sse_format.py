@@ -16,7 +16,12 @@ from frontend.triton_client import (
     model_id_from_parameters,
     model_id_from_path,
 )
-from trident.core.router_io import RouterDelta, RouterRequest, encode_router_outputs
+from trident.core.router_io import (
+    RouterDelta,
+    RouterRequest,
+    encode_router_inputs,
+    encode_router_outputs,
+)
 from trident.core.types import SamplingParams
 
 
@@ -114,7 +119,7 @@ def test_model_id_discovery_from_config_parameters() -> None:
 def test_router_tensors_follow_the_contract() -> None:
     """The gRPC inputs carry each table datatype; responses decode into `RouterDelta`s."""
     req = RouterRequest(SamplingParams(seed=1, temperature=0.0), input_ids=(1, 2), request_id="r")
-    inputs = {t.name(): t.datatype() for t in _infer_inputs(req)}
+    inputs = {t.name(): t.datatype() for t in _infer_inputs(encode_router_inputs(req))}
     assert inputs == {
         "input_ids": "INT32",
         "temperature": "FP32",

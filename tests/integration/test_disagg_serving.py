@@ -235,6 +235,30 @@ def _prefill_pool_size(client: RouterClient, metrics_url: str, rng: np.random.Ge
     return 0
 
 
+def test_logprobs_and_penalties_survive_the_handoff(server: Launcher) -> None:
+    """Disaggregated, the first token's logprobs and the prompt's come from the prefill
+    worker and the rest from the decode worker, whose penalties count that first token:
+    everything equals one decode worker serving the request alone (fp32)."""
+    _, grpc_url, _ = _urls(server)
+    sampling = dict(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2, frequency_penalty=1.5)
+    ids = [int(x) for x in (np.arange(60) * 53 % 3000 + 1000)]  # cached nowhere yet
+    with RouterClient(grpc_url) as client:
+        responses = client.generate(input_ids=ids, stream=True, prompt_logprobs=1, **sampling)
+    assert {r["worker"] for r in responses} == {"prefill>decode"}
+    first = responses[0]
+    assert len(first["output_ids"]) == len(first["output_logprobs"]) == 1  # from the prefill worker
+    assert len(first["prompt_token_logprobs"]) == len(ids) - 1 and list(first["prompt_ids"]) == ids
+    tokens = [t for r in responses for t in r["output_ids"]]
+    logprobs = [x for r in responses for x in r["output_logprobs"]]
+    top_ids = [t for r in responses for t in r["top_logprob_ids"]]
+    alone = call_worker(grpc_url, "decode", input_ids=np.asarray(ids, np.int32), request_id="alone", **sampling)
+    assert tokens == [int(t) for o in alone for t in o["output_ids"]]
+    expected = [float(x) for o in alone for x in o["output_logprobs"]]
+    assert logprobs == pytest.approx(expected, abs=1e-3)
+    assert top_ids == [int(t) for o in alone for t in o["top_logprob_ids"]]
+    assert wait_for(lambda: _used(server, "prefill") == 0, timeout=5)
+
+
 def test_decode_killed_mid_handoff_strands_no_prefill_blocks(server: Launcher) -> None:
     _, grpc_url, _ = _urls(server)
     decode_pid = _stub_pid(server, "decode")

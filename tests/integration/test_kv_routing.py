@@ -56,6 +56,6 @@ def test_routing_metrics_on_the_metrics_endpoint(triton_server: ServerInfo) -> N
     for phase in ("hashing", "lookup", "schedule", "total"):
         assert re.search(rf'^trident_router_decision_seconds_count\{{[^}}]*phase="{phase}"[^}}]*\}} [1-9]', text, re.M), phase
     for kind in ("predicted", "served"):
-        assert re.search(rf'^trident_router_cache_hit_rate\{{[^}}]*kind="{kind}"', text, re.M), kind
+        assert re.search(rf'^trident_router_cache_hit_ratio\{{[^}}]*kind="{kind}"', text, re.M), kind
     assert re.search(r'^trident_router_prompt_tokens_total\{[^}]*\} [1-9]', text, re.M)
     assert re.search(r'^trident_router_live_workers\{[^}]*\} 2$', text, re.M)

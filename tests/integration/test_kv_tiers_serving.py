@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.integration.helpers import call_worker
+from tests.metrics_catalogue import catalogue, dashboard_families, families
 from tests.waiting import wait_for
 from trident.launcher import Launcher
 from trident.router_client import RouterClient
@@ -99,6 +100,10 @@ def test_returning_user_is_served_from_the_host_tier_of_its_worker(cluster: Clus
         assert second["cached_tokens"] == HISTORY_BLOCKS * BLOCK, second
     assert wait_for(lambda: all(cluster.tier_metric("trident_kv_tier_onboarded_blocks_total", "CPU").get(w, 0) > 0
                                 for w in workers), timeout=10), cluster.tier_metric("trident_kv_tier_onboarded_blocks_total", "CPU")
+    # every tier metric the Grafana dashboard queries (docker/grafana) is exposed here
+    tiered = {n for n in dashboard_families() if catalogue()[n].when == "KV tiers"}
+    exposed = families(httpx.get(cluster.endpoints.metrics_url, timeout=10).text)
+    assert tiered and tiered <= {n for n, f in exposed.items() if f.samples}, tiered - set(exposed)
 
 
 def test_returning_user_after_a_restart_is_served_from_the_disk_tier(cluster: Cluster) -> None:

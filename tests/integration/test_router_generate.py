@@ -123,7 +123,7 @@ def test_metrics_are_published_per_worker(triton_server: ServerInfo, client: Rou
     import time
 
     time.sleep(0.6)  # workers flush metrics every 0.25 s
-    totals = metric_values(triton_server.metrics_url, "trident_kv_blocks_total")
+    totals = metric_values(triton_server.metrics_url, "trident_kv_blocks_capacity")
     assert set(totals) == {"decode", "decode_1"} and all(v > 0 for v in totals.values())
     for name in ("trident_requests_total", "trident_generation_tokens_total", "trident_prompt_tokens_total",
                  "trident_time_to_first_token_seconds_count", "trident_inter_token_latency_seconds_count"):

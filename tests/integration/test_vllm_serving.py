@@ -132,7 +132,7 @@ def test_shared_prefix_goes_back_to_the_vllm_worker_that_cached_it(vllm_server: 
         assert {worker, other} == set(vllm_server.decode_models)
     # the router predicted the hit from vLLM's events (not just the engine reporting it)
     text = httpx.get(vllm_server.metrics_url, timeout=10).text
-    predicted = re.findall(r'^trident_router_cache_hit_rate\{[^}]*kind="predicted"[^}]*\} (\S+)$', text, re.M)
+    predicted = re.findall(r'^trident_router_cache_hit_ratio\{[^}]*kind="predicted"[^}]*\} (\S+)$', text, re.M)
     assert predicted and max(float(v) for v in predicted) > 0, predicted
 
 

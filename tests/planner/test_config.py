@@ -50,6 +50,8 @@ OTHER: dict[str, tuple[str, dict[str, str]]] = {
     "k8s_namespace": ("serving", {}),
     "k8s_workloads": ("decode=statefulset/trident-decode", {}),
     "log_level": ("debug", {}),
+    "exporter_host": ("0.0.0.0", {}),
+    "exporter_port": ("9400", {}),
 }
 FIELDS = [f.name for f in fields(PlannerConfig)]
 

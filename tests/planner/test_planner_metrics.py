@@ -76,7 +76,7 @@ def exposition(workers: Mapping[str, Worker], router: Router | None = None) -> s
         ("trident_prompt_tokens_total", "counter", "prompt"),
         ("trident_generation_tokens_total", "counter", "generated"),
         ("trident_kv_blocks_used", "gauge", "kv_used"),
-        ("trident_kv_blocks_total", "gauge", "kv_total"),
+        ("trident_kv_blocks_capacity", "gauge", "kv_total"),
         ("trident_requests_running", "gauge", "running"),
         ("trident_requests_waiting", "gauge", "waiting"),
         ("trident_requests_inflight", "gauge", "inflight"),
@@ -94,8 +94,8 @@ def exposition(workers: Mapping[str, Worker], router: Router | None = None) -> s
                              ("trident_router_cached_tokens_total", router.cached)):
             _family(out, name, "counter", "served tokens")
             out += [f"{name}{_labels(router='router', pool=pool)} {n}" for pool, n in values.items()]
-        _family(out, "trident_router_cache_hit_rate", "gauge", "hit rate")
-        out.append(f"trident_router_cache_hit_rate{_labels(router='router', pool='decode', kind='served')} 0.25")
+        _family(out, "trident_router_cache_hit_ratio", "gauge", "hit rate")
+        out.append(f"trident_router_cache_hit_ratio{_labels(router='router', pool='decode', kind='served')} 0.25")
         _family(out, "trident_router_live_workers", "gauge", "live workers")
         out.append(f"trident_router_live_workers{_labels(router='router', pool='decode')} {len(workers)}")
     return "\n".join(out) + "\n"

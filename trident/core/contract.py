@@ -218,6 +218,15 @@ class Contract(Mapping[str, TensorSpec]):
         """Arrays of the values given; None values are left out, unknown names refused."""
         return {name: self.spec(name).encode(value) for name, value in values.items() if value is not None}
 
+    def encode_response(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The arrays of one response: every value given, except `optional` outputs equal to
+        their default (the logprob outputs of a request without logprobs stay off the wire;
+        `read(..., defaults=True)` restores them)."""
+        return self.encode({
+            name: value for name, value in values.items()
+            if not (self.spec(name).optional and value == self.spec(name).default)
+        })
+
     def read(self, arrays: Arrays, *, defaults: bool = False) -> dict[str, Any]:
         """Typed values of the tensors present in `arrays`, in table order.
 
@@ -257,18 +266,57 @@ SEED = TensorSpec("seed", "UINT64", doc="per-request seed: reproducible whatever
 RANDOM_SEED = TensorSpec("random_seed", "UINT64", doc="TensorRT-LLM's name for seed (router only; seed wins)")
 STOP_TOKEN_IDS = TensorSpec("stop_token_ids", "INT32", (-1,), default=(), doc="token ids that end the generation")
 IGNORE_EOS = TensorSpec("ignore_eos", "BOOL", default=False, doc="keep generating past EOS")
+PRESENCE_PENALTY = TensorSpec("presence_penalty", "FP32", default=0.0,
+                              doc="OpenAI: subtracted from the logit of every token already output, in [-2, 2]")
+FREQUENCY_PENALTY = TensorSpec("frequency_penalty", "FP32", default=0.0,
+                               doc="OpenAI: times each token's count in the output, subtracted, in [-2, 2]")
+REPETITION_PENALTY = TensorSpec("repetition_penalty", "FP32", default=1.0,
+                                doc="HF/vLLM: logits of prompt and output tokens divided (> 0) or multiplied (< 0) by it")
+MIN_P = TensorSpec("min_p", "FP32", default=0.0, doc="drop tokens below min_p times the likeliest's probability")
+LOGIT_BIAS_IDS = TensorSpec("logit_bias_ids", "INT32", (-1,), default=(), doc="token ids whose logits get a bias")
+LOGIT_BIAS_VALUES = TensorSpec("logit_bias_values", "FP32", (-1,), default=(),
+                               doc="the bias of each logit_bias_ids token, in [-100, 100]")
+LOGPROBS = TensorSpec("logprobs", "INT32",
+                      doc="return each output token's logprob and this many top alternatives (0..20)")
+PROMPT_LOGPROBS = TensorSpec("prompt_logprobs", "INT32",
+                             doc="return the logprob of every prompt token after the first, and this many top ones")
+STRUCTURED_OUTPUTS = TensorSpec(
+    "structured_outputs", "BYTES",
+    doc='constrained decoding, JSON with one key: {"json": schema} | {"json_object": true} | {"regex": str} '
+        '| {"choice": [str, ...]} | {"grammar": EBNF str} (vLLM\'s StructuredOutputsParams)',
+)
+
+# The logits-processing, logprob and structured-output inputs, in config order (the router
+# and the workers list them after their own inputs).
+LOGITS_INPUTS = (
+    PRESENCE_PENALTY, FREQUENCY_PENALTY, REPETITION_PENALTY, MIN_P, LOGIT_BIAS_IDS, LOGIT_BIAS_VALUES,
+    LOGPROBS, PROMPT_LOGPROBS, STRUCTURED_OUTPUTS,
+)
 
 SAMPLING_INPUTS = Contract(
     "sampling",
     "input",
-    (MAX_TOKENS, MIN_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, RANDOM_SEED, STOP_TOKEN_IDS, IGNORE_EOS),
+    (MAX_TOKENS, MIN_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, RANDOM_SEED, STOP_TOKEN_IDS, IGNORE_EOS,
+     *LOGITS_INPUTS),
+)
+# The logprob outputs of the router and the workers: k alternatives per position, flattened.
+LOGPROB_OUTPUTS = (
+    ("output_logprobs", "FP32", "logprob of each output_ids token (with the logprobs input, else empty)"),
+    ("top_logprob_ids", "INT32", "the top alternatives of each output token, k per token, likeliest first"),
+    ("top_logprobs", "FP32", "their logprobs, aligned with top_logprob_ids"),
+    ("prompt_token_logprobs", "FP32", "first response, with prompt_logprobs: logprob of prompt tokens 1.."),
+    ("prompt_top_logprob_ids", "INT32", "the top alternatives of each of those prompt tokens, k per token"),
+    ("prompt_top_logprobs", "FP32", "their logprobs, aligned with prompt_top_logprob_ids"),
 )
 
 
 def _output(
-    name: str, datatype: str, default: Any, doc: str, dims: tuple[int, ...] = (1,), raw: bool = False
+    name: str, datatype: str, default: Any, doc: str, dims: tuple[int, ...] = (1,), raw: bool = False,
+    optional: bool = False,
 ) -> TensorSpec:
-    return TensorSpec(name, datatype, dims, optional=False, default=default, doc=doc, raw=raw)
+    """An output spec. `optional` outputs are sent only when they differ from their default
+    (`Contract.encode_response`); readers take the default for an absent one."""
+    return TensorSpec(name, datatype, dims, optional=optional, default=default, doc=doc, raw=raw)
 
 
 # ---- the router model (model_repository/router/config.pbtxt) ------------------------------
@@ -294,10 +342,15 @@ ROUTER_INPUTS = Contract("router", "input", (
     TensorSpec("probe", "BOOL", default=False,
                doc="a liveness probe: answered at once with one final response whose text_output is the "
                    "router instance's id (other inputs ignored)"),
+    *LOGITS_INPUTS,
+    TensorSpec("tools", "BYTES",
+               doc='with messages: OpenAI tools JSON [{"type": "function", "function": {...}}], '
+                   'passed to the chat template as `tools`'),
 ))
 PROMPT_INPUTS = ("text_input", "messages", "input_ids")
 
-# Every response carries every output; the names are RouterDelta's fields.
+# Every response carries every output but the optional ones, sent when they have values;
+# the names are RouterDelta's fields.
 ROUTER_OUTPUTS = Contract("router", "output", (
     _output("text_output", "BYTES", "", "text new since the previous response (all if not streaming)"),
     _output("output_ids", "INT32", (), "token ids new since the previous response", dims=(-1,)),
@@ -306,6 +359,12 @@ ROUTER_OUTPUTS = Contract("router", "output", (
     _output("num_output_tokens", "INT32", 0, "tokens generated so far (cumulative)"),
     _output("cached_tokens", "INT32", 0, "prompt tokens found in the worker's prefix cache"),
     _output("worker", "BYTES", "", 'the worker model that served it ("prefill>decode" if disaggregated)'),
+    *(_output(name, dtype, (), doc, dims=(-1,), optional=True) for name, dtype, doc in LOGPROB_OUTPUTS),
+    _output("prompt_ids", "INT32", (), "first response, with prompt_logprobs: the prompt's token ids", dims=(-1,), optional=True),
+    _output("output_tokens", "BYTES", (), "with logprobs: the text of each output_ids token alone", dims=(-1,), optional=True),
+    _output("top_logprob_tokens", "BYTES", (), "the text of each top_logprob_ids token", dims=(-1,), optional=True),
+    _output("prompt_tokens", "BYTES", (), "with prompt_ids: the text of each prompt token alone", dims=(-1,), optional=True),
+    _output("prompt_top_logprob_tokens", "BYTES", (), "the text of each prompt_top_logprob_ids token", dims=(-1,), optional=True),
 ))
 
 # ---- the worker models (model_repository/{decode,prefill}/config.pbtxt) -------------------
@@ -331,9 +390,10 @@ WORKER_INPUTS = Contract("worker", "input", (
                doc="decode, with kv_descriptor: the token prefill sampled (not sent again; max_tokens counts it)"),
     TensorSpec("output_offset", "INT32", default=0,
                doc="a migrated request: its last N prompt tokens are outputs already generated (seeded sampling continues)"),
+    *LOGITS_INPUTS,
 ))
 
-# Every response carries every output.
+# Every response carries every output but the optional ones, sent when they have values.
 WORKER_OUTPUTS = Contract("worker", "output", (
     _output("output_ids", "INT32", (), "token ids of this response", dims=(-1,)),
     _output("finish_reason", "BYTES", "", 'stop | length | abort | error on the last response, "" before'),
@@ -342,4 +402,5 @@ WORKER_OUTPUTS = Contract("worker", "output", (
     _output("cached_tokens", "INT32", 0, "prompt tokens found in the prefix cache"),
     _output("kv_descriptor", "BYTES", b"", 'the leased blocks, on the last response of a hold_kv request, else b""',
             raw=True),
+    *(_output(name, dtype, (), doc, dims=(-1,), optional=True) for name, dtype, doc in LOGPROB_OUTPUTS),
 ))

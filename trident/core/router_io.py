@@ -34,13 +34,15 @@ class RouterRequest:
     stream: bool = False
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    tools: tuple[dict[str, Any], ...] | None = None  # with messages: for the chat template
 
 
 @dataclass(frozen=True, slots=True)
 class RouterDelta:
     """One router response: new text and ids since the previous one (or all of it).
 
-    The fields are the router's outputs, one for one (`ROUTER_OUTPUTS`).
+    The fields are the router's outputs, one for one (`ROUTER_OUTPUTS`). The logprob
+    fields are flat: k alternatives per position (`worker_io.unflatten_top` splits them).
     """
 
     text_output: str
@@ -50,6 +52,17 @@ class RouterDelta:
     num_output_tokens: int  # cumulative
     cached_tokens: int
     worker: str
+    output_logprobs: tuple[float, ...] = ()
+    top_logprob_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    prompt_token_logprobs: tuple[float, ...] = ()
+    prompt_top_logprob_ids: tuple[int, ...] = ()
+    prompt_top_logprobs: tuple[float, ...] = ()
+    prompt_ids: tuple[int, ...] = ()
+    output_tokens: tuple[str, ...] = ()  # token texts, for OpenAI's logprobs
+    top_logprob_tokens: tuple[str, ...] = ()
+    prompt_tokens: tuple[str, ...] = ()
+    prompt_top_logprob_tokens: tuple[str, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -81,6 +94,7 @@ def parse_router_inputs(arrays: Arrays) -> RouterRequest:
         stream=values["stream"],
         stop=tuple(s for s in values["stop"] if s),
         request_id=values["request_id"],
+        tools=None if values.get("tools") is None else parse_tools(values["tools"], messages is not None),
     )
 
 
@@ -167,6 +181,22 @@ def parse_messages(raw: str) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
+def parse_tools(raw: str, chat: bool) -> tuple[dict[str, Any], ...]:
+    """The `tools` input: a JSON array of OpenAI tool objects, sent with `messages` only."""
+    if not chat:
+        raise ValidationError("tools", "goes with messages (the chat template renders it)")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError("tools", f"invalid JSON: {exc}") from None
+    problem = json_problem(value)
+    if problem is not None:
+        raise ValidationError("tools", f"{problem[0] or 'the JSON'} {problem[1]}")
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValidationError("tools", "must be a JSON array of tool objects")
+    return tuple(value)
+
+
 def is_probe(array: Any) -> bool:
     """Whether a `probe` input asks for a liveness answer (any true element)."""
     try:
@@ -181,7 +211,8 @@ def probe_answer(instance_id: str) -> RouterDelta:
 
 
 def encode_router_outputs(delta: RouterDelta) -> dict[str, np.ndarray]:
-    return ROUTER_OUTPUTS.encode({name: getattr(delta, name) for name in ROUTER_OUTPUTS})
+    """The response tensors of `delta` (its logprob and echo outputs only when it has them)."""
+    return ROUTER_OUTPUTS.encode_response({name: getattr(delta, name) for name in ROUTER_OUTPUTS})
 
 
 # ---- the caller's side ------------------------------------------------------------------
@@ -200,6 +231,7 @@ def encode_router_inputs(request: RouterRequest) -> dict[str, np.ndarray]:
         "stream": request.stream,
         "stop": request.stop,
         "request_id": request.request_id,
+        "tools": None if request.tools is None else json.dumps(list(request.tools), ensure_ascii=False),
     }
     return ROUTER_INPUTS.encode({k: v for k, v in values.items() if v != ROUTER_INPUTS.spec(k).default})
 

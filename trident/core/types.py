@@ -17,13 +17,26 @@ FINISH_LENGTH = "length"  # max_tokens or the model's context length
 FINISH_ABORT = "abort"  # cancelled by the client or the router
 FINISH_ERROR = "error"  # the engine failed on this request
 
+MAX_LOGPROBS = 20  # top alternatives per position, at most (vLLM's default max_logprobs)
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    `temperature == 0` means greedy. `top_k <= 0` disables top-k. `seed` makes a
-    request's sampling reproducible regardless of what else is in the batch.
+    `temperature == 0` means greedy (so does any temperature below 1e-5). `top_k <= 0`
+    disables top-k. `seed` makes a request's sampling reproducible regardless of what else is
+    in the batch.
+
+    Logits processing (`plugins/torch_engine/logits.py`), in vLLM's order: `logit_bias`
+    (token id, bias) pairs are added; `repetition_penalty` (HF/vLLM: over prompt and output
+    tokens, positive logits divided by it, negative ones multiplied); `frequency_penalty` and
+    `presence_penalty` (OpenAI: over output tokens, `logit -= count * frequency +
+    (count > 0) * presence`); then temperature, top-k, `min_p` (drop tokens whose probability
+    is below `min_p` times the likeliest one's) and top-p. `logprobs` asks for each output
+    token's logprob and that many top alternatives (0..20); `prompt_logprobs` the same for
+    every prompt token after the first. Logprobs are the log-softmax of the model's raw
+    logits, before any processing (vLLM's default, "raw_logprobs").
     """
 
     max_tokens: int = 16
@@ -34,9 +47,21 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    structured_outputs: str | None = None  # JSON, see trident.core.structured
 
     def validate(self) -> None:
         """Raise `ValidationError` naming the first invalid field."""
+        if self.structured_outputs is not None:
+            from trident.core.structured import parse_structured_outputs
+
+            parse_structured_outputs(self.structured_outputs)
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValidationError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
@@ -55,6 +80,29 @@ class SamplingParams:
             )
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise ValidationError("stop_token_ids", "must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2.0 <= value <= 2.0:
+                raise ValidationError(name, f"must be in [-2, 2], got {value!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValidationError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValidationError("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for pair in self.logit_bias:
+            token, bias = pair
+            if not isinstance(token, int) or token < 0:
+                raise ValidationError("logit_bias", f"keys must be token ids >= 0, got {token!r}")
+            if not _finite(bias) or not -100.0 <= bias <= 100.0:
+                raise ValidationError("logit_bias", f"values must be in [-100, 100], got {bias!r} for token {token}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValidationError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty applies (the sampler then needs the request's token history)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +146,9 @@ class GenerateRequest:
         bad = [t for t in self.sampling.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValidationError("stop_token_ids", f"token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        bad = [t for t, _ in self.sampling.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise ValidationError("logit_bias", f"token id {bad[0]} outside the vocabulary [0, {vocab_size})")
         total = len(self.input_ids) + self.sampling.max_tokens
         if total > max_model_len:
             raise ContextLengthError(
@@ -115,6 +166,11 @@ class TokenChunk:
     The last chunk of a request has `finished=True` and a `finish_reason`. `error` is
     set only with `finish_reason == "error"`. `kv_descriptor` is set on the last chunk of a
     `hold_kv` request: the descriptor of the pinned prompt blocks.
+
+    With `SamplingParams.logprobs`, `logprobs[i]` is the logprob of `output_ids[i]` and
+    `top_logprobs[i]` the top alternatives at that position as (token id, logprob), likeliest
+    first. With `prompt_logprobs`, the first chunk carries `prompt_logprobs` /
+    `prompt_top_logprobs` for prompt tokens 1.. (token 0 has none), same shapes.
     """
 
     request_id: str
@@ -125,6 +181,10 @@ class TokenChunk:
     cached_tokens: int = 0
     error: str | None = None
     kv_descriptor: bytes | None = None
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    prompt_logprobs: tuple[float, ...] = ()
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ from trident.core.contract import SAMPLING_INPUTS, WORKER_INPUTS, WORKER_OUTPUTS
 from trident.core.errors import ValidationError
 from trident.core.types import GenerateRequest, SamplingParams, TokenChunk
 
-# SamplingParams fields, each sent as the input of the same name.
+# SamplingParams fields, each sent as the input of the same name (logit_bias: two inputs).
 _SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logprobs", "prompt_logprobs",
+    "structured_outputs",
 )
 
 
@@ -41,8 +43,12 @@ class AbortCommand:
 
 # ---- sampling (shared with the router's I/O) ----------------------------------------
 def sampling_values(sampling: SamplingParams) -> dict[str, Any]:
-    """The sampling inputs of `sampling`, by input name."""
-    return {name: getattr(sampling, name) for name in _SAMPLING_FIELDS}
+    """The sampling inputs of `sampling`, by input name (None: not sent)."""
+    values = {name: getattr(sampling, name) for name in _SAMPLING_FIELDS}
+    bias = sampling.logit_bias
+    values["logit_bias_ids"] = tuple(t for t, _ in bias) if bias else None
+    values["logit_bias_values"] = tuple(b for _, b in bias) if bias else None
+    return values
 
 
 def sampling_params(values: Mapping[str, Any]) -> SamplingParams:
@@ -53,6 +59,7 @@ def sampling_params(values: Mapping[str, Any]) -> SamplingParams:
     of every hop (`parse_router_inputs`, `parse_generate_inputs`).
     """
     fields = {name: values[name] for name in _SAMPLING_FIELDS}
+    fields["logit_bias"] = _logit_bias(values.get("logit_bias_ids") or (), values.get("logit_bias_values") or ())
     if fields["seed"] is None:
         fields["seed"] = values.get("random_seed")
     temperature = fields["temperature"]
@@ -63,6 +70,14 @@ def sampling_params(values: Mapping[str, Any]) -> SamplingParams:
     return params
 
 
+def _logit_bias(ids: tuple[int, ...], biases: tuple[float, ...]) -> tuple[tuple[int, float], ...]:
+    if len(ids) != len(biases):
+        raise ValidationError("logit_bias_values", f"has {len(biases)} values for {len(ids)} logit_bias_ids")
+    if len(set(ids)) != len(ids):
+        raise ValidationError("logit_bias_ids", "must not repeat a token id")
+    return tuple(zip(ids, biases, strict=True))
+
+
 def parse_sampling(arrays: Arrays) -> SamplingParams:
     """SamplingParams from the sampling inputs among `arrays` (errors name the field)."""
     return sampling_params(SAMPLING_INPUTS.read(arrays, defaults=True))
@@ -70,13 +85,15 @@ def parse_sampling(arrays: Arrays) -> SamplingParams:
 
 # ---- router -> worker ---------------------------------------------------------------
 def encode_generate_inputs(request: GenerateRequest) -> dict[str, np.ndarray]:
+    """The worker's input tensors for `request`; sampling values equal to the worker's
+    defaults are left out (it reads the same request back, with fewer tensors per call)."""
     sampling = request.sampling
+    sent = {k: v for k, v in sampling_values(sampling).items() if v != SAMPLING_INPUTS.spec(k).default}
     return WORKER_INPUTS.encode(
         {
             "input_ids": request.input_ids,
             "request_id": request.request_id,
-            **sampling_values(sampling),
-            "stop_token_ids": sampling.stop_token_ids or None,
+            **sent,
             "hold_kv": True if request.hold_kv else None,
             "kv_descriptor": request.kv_descriptor,
             "first_token": None if request.kv_descriptor is None else request.first_token or 0,
@@ -116,8 +133,55 @@ def parse_generate_inputs(arrays: Arrays, default_request_id: str) -> GenerateRe
 
 
 # ---- worker -> router ---------------------------------------------------------------
+# ---- logprobs: per position (token id, logprob) pairs <-> flat tensors ------------------
+TopLogprobs = tuple[tuple[tuple[int, float], ...], ...]
+
+
+def flatten_top(top: TopLogprobs) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The k alternatives of every position, one after the other: (ids, logprobs)."""
+    return tuple(t for row in top for t, _ in row), tuple(lp for row in top for _, lp in row)
+
+
+def unflatten_top(ids: tuple[int, ...], logprobs: tuple[float, ...], positions: int, field: str) -> TopLogprobs:
+    """The inverse of `flatten_top` for `positions` positions (k = len(ids) / positions)."""
+    if len(ids) != len(logprobs) or (positions and len(ids) % positions) or (not positions and ids):
+        raise ValidationError(field, f"{len(ids)} ids and {len(logprobs)} logprobs do not fit {positions} positions")
+    k = len(ids) // positions if positions else 0
+    return tuple(tuple(zip(ids[i * k : (i + 1) * k], logprobs[i * k : (i + 1) * k], strict=True)) for i in range(positions))
+
+
+def chunk_logprob_values(chunk: TokenChunk) -> dict[str, Any]:
+    """The logprob outputs of `chunk`, by output name (`LOGPROB_OUTPUTS`)."""
+    top_ids, top_lps = flatten_top(chunk.top_logprobs)
+    prompt_ids, prompt_lps = flatten_top(chunk.prompt_top_logprobs)
+    return {
+        "output_logprobs": chunk.logprobs,
+        "top_logprob_ids": top_ids,
+        "top_logprobs": top_lps,
+        "prompt_token_logprobs": chunk.prompt_logprobs,
+        "prompt_top_logprob_ids": prompt_ids,
+        "prompt_top_logprobs": prompt_lps,
+    }
+
+
+def chunk_logprobs(values: Mapping[str, Any], num_outputs: int) -> dict[str, Any]:
+    """TokenChunk's logprob fields from read output values (the inverse of `chunk_logprob_values`)."""
+    logprobs, prompt = values["output_logprobs"], values["prompt_token_logprobs"]
+    if logprobs and len(logprobs) != num_outputs:
+        raise ValidationError("output_logprobs", f"has {len(logprobs)} values for {num_outputs} output_ids")
+    top = values["top_logprob_ids"], values["top_logprobs"]
+    prompt_top = values["prompt_top_logprob_ids"], values["prompt_top_logprobs"]
+    return {
+        "logprobs": logprobs,
+        "top_logprobs": unflatten_top(*top, len(logprobs), "top_logprob_ids") if logprobs else (),
+        "prompt_logprobs": prompt,
+        "prompt_top_logprobs": unflatten_top(*prompt_top, len(prompt), "prompt_top_logprob_ids") if prompt else (),
+    }
+
+
 def encode_chunk_outputs(chunk: TokenChunk) -> dict[str, np.ndarray]:
-    return WORKER_OUTPUTS.encode(
+    """The response tensors of `chunk` (its logprob outputs only when it has logprobs)."""
+    return WORKER_OUTPUTS.encode_response(
         {
             "output_ids": chunk.output_ids,
             "finish_reason": chunk.finish_reason or "",
@@ -125,6 +189,7 @@ def encode_chunk_outputs(chunk: TokenChunk) -> dict[str, np.ndarray]:
             "num_output_tokens": len(chunk.output_ids),
             "cached_tokens": chunk.cached_tokens,
             "kv_descriptor": chunk.kv_descriptor or b"",
+            **chunk_logprob_values(chunk),
         }
     )
 
@@ -140,4 +205,5 @@ def decode_chunk_outputs(arrays: Arrays, request_id: str) -> TokenChunk:
         num_input_tokens=values["num_input_tokens"],
         cached_tokens=values["cached_tokens"],
         kv_descriptor=values["kv_descriptor"] or None,
+        **chunk_logprobs(values, len(values["output_ids"])),
     )

@@ -29,15 +29,15 @@ def test_the_poller_waits_for_the_first_execute(tiny_model_dir: str) -> None:
     worker = WorkerModel(pb, "decode", TorchEngine(config), WorkerMetrics(pb, "decode"), poll_s=0.01)
     worker.start()
     try:
-        assert _gauge("trident_kv_blocks_total") == 64.0  # flushed once by start(), on initialize's thread
-        pb.MetricFamily.families["trident_kv_blocks_total"].metrics[0].value = -1.0
+        assert _gauge("trident_kv_blocks_capacity") == 64.0  # flushed once by start(), on initialize's thread
+        pb.MetricFamily.families["trident_kv_blocks_capacity"].metrics[0].value = -1.0
         time.sleep(0.5)  # dozens of poll cycles, and one metrics flush would have been due
-        assert _gauge("trident_kv_blocks_total") == -1.0, "the poller called pb before any execute"
+        assert _gauge("trident_kv_blocks_capacity") == -1.0, "the poller called pb before any execute"
         request = pb.FakeRequest({"input_ids": np.arange(3, 20, dtype=np.int32),
                                   "max_tokens": np.asarray([200], dtype=np.int32),
                                   "ignore_eos": np.asarray([True])})
         worker.execute([request])
-        wait_until(lambda: _gauge("trident_kv_blocks_total") == 64.0)  # flushed now
+        wait_until(lambda: _gauge("trident_kv_blocks_capacity") == 64.0)  # flushed now
         wait_until(lambda: request.sender.responses())
         request.cancelled = True  # the poller asks is_cancelled() now, and aborts
         assert request.sender.closed.wait(10), "the cancelled request was not ended"

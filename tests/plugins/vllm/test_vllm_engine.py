@@ -181,3 +181,42 @@ def test_fp32_greedy_equals_transformers_and_the_torch_engine(engine, tok) -> No
         hf_ids = g[0, len(p):].tolist()
         assert hf_ids[-1] == 2  # transformers keeps the end-of-turn token; engines leave it out
         assert v == hf_ids[:-1] == t, tok.decode(v)
+
+
+def test_logprobs_and_prompt_logprobs_equal_transformers(engine, tok) -> None:
+    """vLLM's logprobs (raw log-softmax) as our TokenChunk fields: the sampled token's, the top
+    k likeliest first, and the prompt's from its second token; transformers agrees (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plugins.vllm.model_dir import hf_model_dir
+
+    prompt = tuple(tok.encode("The capital of France is"))
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    chunks, out = _collect(engine, GenerateRequest("vlp", prompt, sp))
+    lps = [x for c in chunks for x in c.logprobs]
+    tops = [x for c in chunks for x in c.top_logprobs]
+    plps = [x for c in chunks for x in c.prompt_logprobs]
+    assert len(lps) == len(tops) == len(out) == 4 and len(plps) == len(prompt) - 1
+    hf = AutoModelForCausalLM.from_pretrained(hf_model_dir(""), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([list(prompt) + out])).logits[0].float(), dim=-1)
+    for i, token in enumerate(out):
+        row = ref[len(prompt) - 1 + i]
+        assert lps[i] == pytest.approx(row[token].item(), abs=2e-3)
+        assert [t for t, _ in tops[i]] == torch.topk(row, 3).indices.tolist()
+    for i, token in enumerate(prompt[1:]):
+        assert plps[i] == pytest.approx(ref[i, token].item(), abs=2e-3)
+
+
+def test_penalties_and_logit_bias_map_onto_vllm(engine, tok) -> None:
+    prompt = tuple(tok.encode("Repeat after me: yes yes yes yes yes"))
+    bias = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logit_bias=((42, 100.0),))
+    assert _collect(engine, GenerateRequest("vbias", prompt, bias))[1] == [42] * 3
+    plain = _collect(engine, GenerateRequest("vplain", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))[1]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    penalized = _collect(engine, GenerateRequest("vpen", prompt, sp))[1]
+    assert penalized != plain and len(set(penalized)) == len(penalized)  # every repeat penalized away
+    with pytest.raises(ValidationError) as err:
+        engine.submit(GenerateRequest("vmoved", prompt, sp, output_offset=2), lambda c: None)
+    assert err.value.field == "presence_penalty"

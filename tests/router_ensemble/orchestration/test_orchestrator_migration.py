@@ -290,3 +290,41 @@ def test_a_healthy_request_selects_and_releases_once(tokenizer: Tokenizer) -> No
     assert workers.workers_called == ["decode"] and selector.gone_checks == []
     assert len(selector.selected) == 1
     selector.assert_one_release_per_select()
+
+
+class LogprobWorkers(Workers):
+    """Workers whose chunks carry logprobs: output position p gets -p (and one alternative),
+    the prompt's on the first chunk of a request that asks for them."""
+
+    def _chunks(self, worker: str, request: GenerateRequest) -> Iterator[TokenChunk]:
+        done = request.output_offset
+        for chunk in super()._chunks(worker, request):
+            n = len(chunk.output_ids)
+            lps = tuple(-float(done + i) for i in range(n))
+            extra = {}
+            if request.sampling.prompt_logprobs is not None and done == 0 and n:
+                extra = {"prompt_logprobs": (-0.5,) * (len(PROMPT) - 1),
+                         "prompt_top_logprobs": (((7, -0.25),),) * (len(PROMPT) - 1)}
+            yield TokenChunk(**{**{f: getattr(chunk, f) for f in chunk.__slots__}, "logprobs": lps,
+                                "top_logprobs": tuple(((9, lp),) for lp in lps), **extra})
+            done += n
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_survive_a_migration(tokenizer: Tokenizer, stream: bool) -> None:
+    server = Server("decode", "decode_1")
+    directory = WorkerDirectory("decode", probe=server, refresh_s=1e9, max_gap=2, clock=lambda: 0.0)
+    workers = LogprobWorkers(server, tokenizer.encode(ANSWER, add_special_tokens=False))
+    orch = Orchestrator(tokenizer, RoundRobinSelector(directory), workers)
+    workers.how["decode"] = "vanish_after_chunk"
+    out: list[RouterDelta] = []
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, prompt_logprobs=1)
+    orch.run(RouterRequest(sampling, input_ids=PROMPT, stream=stream), out.append)
+    n = len(workers.answer)
+    assert [x for d in out for x in d.output_logprobs] == [-float(p) for p in range(n)]
+    assert [t for d in out for t in d.top_logprob_ids] == [9] * n
+    assert [t for d in out for t in d.output_tokens] == [tokenizer.decode([t], False) for t in workers.answer]
+    assert [x for d in out for x in d.prompt_token_logprobs] == [-0.5] * (len(PROMPT) - 1)
+    assert [tuple(d.prompt_ids) for d in out if d.prompt_ids] == [PROMPT]  # sent once
+    (_, first), (_, moved) = workers.calls
+    assert first.sampling.prompt_logprobs == 1 and moved.sampling.prompt_logprobs is None

@@ -48,3 +48,37 @@ def test_tiny_positive_temperatures_sample_greedily(temperature: float, sent: fl
     parsed = parse_generate_inputs(arrays, "r")
     assert isinstance(parsed, GenerateRequest)
     assert parsed.sampling.temperature == pytest.approx(sent)
+
+
+def test_sampling_extras_round_trip() -> None:
+    sp = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.25, min_p=0.125,
+        logit_bias=((7, -100.0), (3, 2.5)), logprobs=4, prompt_logprobs=0,
+    )
+    back = parse_generate_inputs(encode_generate_inputs(GenerateRequest("r", (1, 2), sp)), "x")
+    assert isinstance(back, GenerateRequest) and back.sampling == sp
+    plain = encode_generate_inputs(GenerateRequest("r", (1, 2)))
+    assert "logprobs" not in plain and "logit_bias_ids" not in plain
+
+
+def test_logit_bias_halves_must_match() -> None:
+    arrays = encode_generate_inputs(GenerateRequest("r", (1, 2), SamplingParams(logit_bias=((7, 1.0),))))
+    arrays["logit_bias_values"] = np.array([1.0, 2.0], np.float32)
+    with pytest.raises(ValidationError, match="^logit_bias_values: has 2 values for 1 logit_bias_ids"):
+        parse_generate_inputs(arrays, "x")
+    arrays["logit_bias_ids"] = np.array([7, 7], np.int32)
+    with pytest.raises(ValidationError, match="^logit_bias_ids: must not repeat"):
+        parse_generate_inputs(arrays, "x")
+
+
+def test_chunk_logprobs_round_trip() -> None:
+    chunk = TokenChunk(
+        "r", (4, 5), True, "length", 3, 0,
+        logprobs=(-0.5, -1.5), top_logprobs=(((4, -0.5), (9, -2.0)), ((5, -1.5), (1, -1.75))),
+        prompt_logprobs=(-3.0, -4.0), prompt_top_logprobs=(((2, -0.25),), ((8, -0.5),)),
+    )
+    assert decode_chunk_outputs(encode_chunk_outputs(chunk), "r") == chunk
+    with pytest.raises(ValidationError, match="^top_logprob_ids"):
+        arrays = encode_chunk_outputs(chunk)
+        arrays["top_logprob_ids"] = np.array([1, 2, 3], np.int32)
+        decode_chunk_outputs(arrays, "r")
