@@ -35,31 +35,48 @@ def make_prompts(tok, n: int, words: int) -> list[list[int]]:
 
 
 # -- engines behind plugins.base (ours and vLLM through its plugin) -------------------------
-def engine_decode(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s, mean step seconds): from the last first token to the last token."""
-    from trident.core.types import GenerateRequest, SamplingParams
+def run_batch(engine, prompts: list[list[int]], sampling, tag: str) -> dict[str, Any]:
+    """Submit `prompts` at once with `sampling` and wait for all of them: per request its
+    first-token time and output count, every finish time, and how many ended before
+    max_tokens. Used by `engine_decode` and `benchmarks.engine_structured`."""
+    from trident.core.types import GenerateRequest
 
     firsts: dict[str, float] = {}
+    counts: dict[str, int] = {}
     ends: list[float] = []
+    early = 0
     done = threading.Semaphore(0)
+    lock = threading.Lock()
 
-    def sink_for(rid):
-        def sink(c):
+    def sink_for(rid: str):
+        def sink(c) -> None:
+            nonlocal early
             now = time.perf_counter()
-            if c.output_ids:
-                firsts.setdefault(rid, now)
-            if c.finished:
-                ends.append(now)
-                done.release()
+            with lock:
+                if c.output_ids:
+                    firsts.setdefault(rid, now)
+                    counts[rid] = counts.get(rid, 0) + len(c.output_ids)
+                if c.finished:
+                    early += c.finish_reason != "length"
+                    ends.append(now)
+                    done.release()
+
         return sink
 
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    tag = f"d{len(prompts)}-{time.monotonic_ns()}"
     for i, p in enumerate(prompts):
-        engine.submit(GenerateRequest(f"{tag}-{i}", tuple(p), sp), sink_for(f"{tag}-{i}"))
+        engine.submit(GenerateRequest(f"{tag}-{i}", tuple(p), sampling), sink_for(f"{tag}-{i}"))
     for _ in prompts:
         done.acquire()
-    span = max(ends) - max(firsts.values())
+    return {"firsts": firsts, "counts": counts, "ends": ends, "early": early}
+
+
+def engine_decode(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, mean step seconds): from the last first token to the last token."""
+    from trident.core.types import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    run = run_batch(engine, prompts, sp, f"d{len(prompts)}-{time.monotonic_ns()}")
+    span = max(run["ends"]) - max(run["firsts"].values())
     return len(prompts) * (new_tokens - 1) / span, span / (new_tokens - 1)
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 from typing import Any
 
 from benchmarks.common import setup_logging, write_json
-from benchmarks.engine_peers import make_prompts
+from benchmarks.engine_peers import make_prompts, run_batch
 
 # An array of at least 40 records: far more tokens than a run generates.
 SCHEMA: dict[str, Any] = {
@@ -44,40 +43,17 @@ SCHEMA: dict[str, Any] = {
 
 def decode(engine, prompts: list[list[int]], new_tokens: int, spec: str | None) -> dict[str, float]:
     """One batch: decode tokens/s (last first token to last token) and how many ended early."""
-    from trident.core.types import GenerateRequest, SamplingParams
-
-    firsts: dict[str, float] = {}
-    ends: list[float] = []
-    counts: dict[str, int] = {}
-    early = 0
-    done = threading.Semaphore(0)
-    lock = threading.Lock()
-
-    def sink_for(rid: str):
-        def sink(c) -> None:
-            nonlocal early
-            now = time.perf_counter()
-            with lock:
-                if c.output_ids:
-                    firsts.setdefault(rid, now)
-                    counts[rid] = counts.get(rid, 0) + len(c.output_ids)
-                if c.finished:
-                    early += c.finish_reason != "length"
-                    ends.append(now)
-                    done.release()
-
-        return sink
+    from trident.core.types import SamplingParams
 
     sp = SamplingParams(
         max_tokens=new_tokens, temperature=0, ignore_eos=True, structured_outputs=spec
     )
-    tag = f"{'s' if spec else 'u'}-{time.monotonic_ns()}"
-    for i, p in enumerate(prompts):
-        engine.submit(GenerateRequest(f"{tag}-{i}", tuple(p), sp), sink_for(f"{tag}-{i}"))
-    for _ in prompts:
-        done.acquire()
-    span = max(ends) - max(firsts.values())
-    return {"decode_tok_s": sum(n - 1 for n in counts.values()) / span, "ended_early": float(early)}
+    run = run_batch(engine, prompts, sp, f"{'s' if spec else 'u'}-{time.monotonic_ns()}")
+    span = max(run["ends"]) - max(run["firsts"].values())
+    return {
+        "decode_tok_s": sum(n - 1 for n in run["counts"].values()) / span,
+        "ended_early": float(run["early"]),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
