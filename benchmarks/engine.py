@@ -1,11 +1,14 @@
 """Our torch engine vs vLLM's CPU build vs Hugging Face transformers, same model and prompts.
 
     taskset -c 0 python -m benchmarks.engine [--threads 1] [--repeats 3] [--peers torch,vllm,transformers]
-                                             [--dtype bfloat16|float32] [--json PATH]
+                                             [--dtype auto|bfloat16|float32] [--json PATH]
 
 Measures decode tokens/s at batch 1 and 16 and prefill tokens/s for each peer, and our
-batch-1 decode step against the memory-bandwidth bound (weight bytes read per step / measured
-copy bandwidth). Every peer runs in a process of its own (`benchmarks.engine_peers`), built
+batch-1 decode step against the memory-bandwidth bound (weight bytes read per step / the
+measured read bandwidth). Peer "torch-aten" is our engine on PyTorch's own kernels
+(`cpu_kernels` off), to compare ours against. `--dtype auto` (the default) is the engine's
+choice for this CPU, given to vLLM too: bfloat16 where the CPU has bf16 instructions, else
+float32. Every peer runs in a process of its own (`benchmarks.engine_peers`), built
 once, on the cores this process may use (pin them with `taskset`), and the repetitions are
 interleaved: torch, vllm, transformers, torch, vllm, ... Reported: medians, with the spread
 (min-max) beside them, and the load average before, when measuring starts (the peers' own
@@ -13,7 +16,7 @@ start-up, vLLM's compilation, shows there) and after; a run that began with the 
 busy (1-minute load above --max-load before any peer started) is flagged, its ratios are not
 to be trusted. vLLM runs through our engine plugin (`plugins.vllm`), compiled (its default) unless
 --vllm-eager; transformers in float32 (its fastest dtype for this GGUF) unless --hf-dtype.
-Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, roofline {z}%,
+Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, batch-1 step {z}x its bound,
 vs vLLM batch16 {v}x, batch1 {w}x`.
 
 With --structured, our engine alone: batch-16 decode with a JSON-schema grammar vs without
@@ -27,7 +30,7 @@ import importlib.util
 import os
 import statistics
 
-from benchmarks.common import Peer, copy_bandwidth_gbs, setup_logging, write_json
+from benchmarks.common import Peer, read_bandwidth_gbs, setup_logging, write_json
 from benchmarks.engine_peers import PEERS, serve
 from benchmarks.plots import add_plot_flag
 
@@ -45,6 +48,14 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
                 "max": max(r[k] for r in runs)} for k in runs[0]}
 
 
+def resolved_dtype(name: str) -> str:
+    import torch
+
+    from plugins.torch_engine.setup import resolve_dtype
+
+    return str(resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.")
+
+
 def available_peers(requested: list[str]) -> list[str]:
     out = []
     for kind in requested:
@@ -57,8 +68,8 @@ def available_peers(requested: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="ours and vLLM")
+    ap.add_argument("--peers", default="torch,vllm,transformers", help=f"comma-separated subset of {PEERS}")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="ours and vLLM")
     ap.add_argument("--hf-dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     setup_logging(args.verbose)
     kinds = available_peers([k.strip() for k in args.peers.split(",") if k.strip()])
-    opts = {"threads": args.threads, "dtype": args.dtype, "hf_dtype": args.hf_dtype, "vllm_eager": args.vllm_eager,
+    opts = {"threads": args.threads, "dtype": resolved_dtype(args.dtype), "hf_dtype": args.hf_dtype, "vllm_eager": args.vllm_eager,
             "prompt_words": args.prompt_words, "prefill_words": args.prefill_words}
     cores = sorted(os.sched_getaffinity(0))
     load_before = os.getloadavg()
@@ -118,26 +129,30 @@ def report(args, cores, stats, infos, loads, runs) -> None:
     for m in METRICS:
         row = "".join(f"{s[m]['median']:>14.1f} [{s[m]['min']:>6.1f}-{s[m]['max']:>6.1f}]     " for s in stats.values())
         print(f"{m:<18}{row}")
-    roofline = None
+    bound = None
     if "torch" in stats:
-        bw = copy_bandwidth_gbs()
+        import torch
+
+        torch.set_num_threads(args.threads)
+        bw = read_bandwidth_gbs()
         bound_s = infos["torch"]["weight_bytes"] / (bw * 1e9)
         step_s = stats["torch"]["step_s"]["min"]
-        roofline = 100.0 * bound_s / step_s
-        print(f"ours batch-1 step {step_s * 1e3:.1f} ms (best of {args.repeats}); bound {bound_s * 1e3:.1f} ms "
-              f"({infos['torch']['weight_bytes'] / 1e6:.0f} MB weights at {bw:.1f} GB/s copy bandwidth)")
-    r = {f"{a}_vs_{b}_{m}": ratio(stats, a, b, m) for a, b in (("torch", "transformers"), ("torch", "vllm"))
+        bound = step_s / bound_s
+        print(f"ours batch-1 step {step_s * 1e3:.1f} ms (best of {args.repeats}) = {bound:.2f}x its bound "
+              f"{bound_s * 1e3:.1f} ms ({infos['torch']['weight_bytes'] / 1e6:.0f} MB weights at {bw:.1f} GB/s read)")
+    pairs = (("torch", "transformers"), ("torch", "vllm"), ("torch", "torch-aten"))
+    r = {f"{a}_vs_{b}_{m}": ratio(stats, a, b, m) for a, b in pairs
          for m in METRICS}
     write_json(args.json, {"stats": stats, "runs": runs, "infos": infos, "cores": cores, "threads": args.threads,
                            "loadavg": {"before": loads[0], "start": loads[1], "after": loads[2]},
-                           "cores_shared": busy, "roofline_pct": roofline, "ratios": r}, plot=args.plot, name="engine")
+                           "cores_shared": busy, "step_vs_bound": bound, "ratios": r}, plot=args.plot, name="engine")
 
     def fmt(x):
         return "n/a" if x is None else f"{x:.2f}x"
 
     print(f"engine: batch16 decode {fmt(r['torch_vs_transformers_decode_b16_tok_s'])} transformers, "
           f"batch1 {fmt(r['torch_vs_transformers_decode_b1_tok_s'])}, "
-          f"roofline {'n/a' if roofline is None else f'{roofline:.0f}%'}, "
+          f"batch-1 step {'n/a' if bound is None else f'{bound:.2f}x'} its bound, "
           f"vs vLLM batch16 {fmt(r['torch_vs_vllm_decode_b16_tok_s'])}, batch1 {fmt(r['torch_vs_vllm_decode_b1_tok_s'])}")
 
 

@@ -1,7 +1,7 @@
 """One engine under test, in a process of its own, measured on command (`benchmarks.engine`).
 
-Each peer ("torch": ours, "vllm": vLLM's CPU build through our engine plugin, "transformers":
-`generate()`) is built once in a child process and then answers measurement commands from the
+Each peer ("torch": ours, "torch-aten": ours on PyTorch's kernels instead of our CPU kernels,
+"vllm": vLLM's CPU build through our engine plugin, "transformers": `generate()`) is built once in a child process and then answers measurement commands from the
 parent, so that the parent can interleave repetitions (A B C A B C ...) while every engine
 keeps its own threads, thread binding and compiled state: vLLM's CPU worker binds OpenMP
 threads and disables `torch.set_num_threads` for the rest of its process, which must not leak
@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 TOPICS = ["the ocean", "a bicycle", "volcanoes", "the moon", "bread", "chess", "rain", "music"]
-PEERS = ("torch", "vllm", "transformers")
+PEERS = ("torch", "vllm", "transformers", "torch-aten")
 
 
 def make_prompts(tok, n: int, words: int) -> list[list[int]]:
@@ -143,13 +143,14 @@ def build(kind: str, opts: dict[str, Any]):
     import torch
 
     threads = opts["threads"]
-    if kind == "torch":
+    if kind in ("torch", "torch-aten"):
         from plugins.torch_engine.config import TorchEngineConfig
         from plugins.torch_engine.engine import TorchEngine
 
         torch.set_num_threads(threads)
         engine = TorchEngine(TorchEngineConfig(dtype=opts["dtype"], kv_cache_mb=192, enable_prefix_caching=False,
-                                               max_num_batched_tokens=2048, num_threads=threads))
+                                               max_num_batched_tokens=2048, num_threads=threads,
+                                               cpu_kernels=kind == "torch"))
         engine.start()
         return _Plugin(engine), {"weight_bytes": engine.runner.model.weight_bytes(), "dtype": opts["dtype"]}
     if kind == "vllm":

@@ -3,8 +3,9 @@
 The pool has shape `(num_blocks, num_layers, 2, block_size, kv_heads, head_dim)`
 (`kv_manager.layout`). The scheduler builds one `AttentionMetadata` per step; every layer
 of the model calls `write_kv` then `attend` with it. Decode rows (one query token each) are
-attended as one padded batch; each prefill chunk is attended on its own with a causal mask
-offset by the tokens already in the cache.
+attended together: by the engine's CPU kernel reading K/V in place when the runner set
+`kernels` (float32 on CPU), else as one padded batch gathered from the pool. Each prefill
+chunk is attended on its own with a causal mask offset by the tokens already in the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from plugins.torch_engine.kernels import CpuKernels
 
 
 @dataclass(slots=True)
@@ -33,8 +36,10 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset of each new token inside its block
     num_decode: int  # the first num_decode rows are decode tokens
     decode_block_tables: torch.Tensor | None  # [D, max_blocks] long (padded with 0)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size] bool, True = attend
+    decode_lens: torch.Tensor | None  # [D] int32: tokens in the cache, this step's included
+    decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size] bool (PyTorch path only)
     prefills: list[PrefillSpan]
+    kernels: CpuKernels | None = None  # set: decode attention runs on the CPU kernel
 
 
 def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -64,7 +69,10 @@ def _gather(pool: torch.Tensor, layer: int, block_table: torch.Tensor, kv: int) 
 
 
 def _decode_attention(pool: torch.Tensor, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    assert meta.decode_block_tables is not None and meta.decode_mask is not None
+    assert meta.decode_block_tables is not None and meta.decode_lens is not None
+    if meta.kernels is not None:
+        return meta.kernels.decode_attention(q, pool[:, layer], meta.decode_block_tables, meta.decode_lens, scale)
+    assert meta.decode_mask is not None
     # One query per row: float32 SDPA is faster on CPU than its bf16 kernel at this shape
     # (and more precise); the gathered K/V are a fresh copy anyway.
     k = _gather(pool, layer, meta.decode_block_tables, 0).transpose(1, 2).float()  # [D, kvh, S, hd]

@@ -30,6 +30,7 @@ class TorchEngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
     max_model_len: int = 0  # 0: the model's own context length
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    cpu_kernels: bool = True  # float32 on x86-64 CPUs: our packed GEMM and decode attention
     enable_prefix_caching: bool = True
     shareable_kv: bool = False  # allocate the pool so peers can map it (disaggregation)
     worker_id: str = "worker"

@@ -6,13 +6,10 @@ from `plugins.torch_engine.loader` in Hugging Face names; q/k/v and gate/up are 
 one matmul each. The engine calls `forward` once per step with the flat batch of new tokens
 and `compute_logits` on the rows it samples; the model never owns the KV pool.
 
-On CPU in float32 the projection weights are stored transposed, [in, out], and multiplied
-as `x @ w`: with one or two rows (decode at batch 1-2) MKL's kernel for that layout streams
-the weights ~1.3x faster than `F.linear`'s over [out, in], and it is as fast from 8 rows up
-and for prefill chunks (one thread, AVX2). The LM head keeps both layouts (its [vocab,
-hidden] one is the embedding table): [hidden, vocab] for up to `_LM_HEAD_ROWS_T` rows, else
-`(w @ x.T).T` over [vocab, hidden], the faster form from 3 rows up. Other dtypes and devices
-keep `F.linear`.
+On CPU in float32 the projections and the LM head run on the engine's own packed GEMM
+(`plugins.torch_engine.kernels`), their weights stored once in its panel layout (the LM
+head's beside the embedding table it may be tied to); elsewhere, or with `cpu_kernels` off,
+and where the kernels cannot be built, they are `F.linear` over PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -23,16 +20,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from plugins.torch_engine import kernels as cpu_kernels
 from plugins.torch_engine.attention import AttentionMetadata, attend, write_kv
+from plugins.torch_engine.kernels import CpuKernels, PackedWeight
 from trident.core.errors import ModelLoadError
 
-_LM_HEAD_ROWS_T = 2  # CPU: up to this many rows, the LM head multiplies [hidden, vocab]
+Weight = torch.Tensor | PackedWeight  # a projection: F.linear's [out, in] or packed panels
 
 
 class LlamaModel:
     """Holds the weights; stateless between steps (the KV lives in the engine's pool)."""
 
-    def __init__(self, config: Any, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: Any,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+        use_cpu_kernels: bool = True,
+        cache_dir: str = "",
+    ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -43,6 +51,10 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        # Set when the weights are packed for them; the runner also uses them for attention.
+        self.kernels: CpuKernels | None = None
+        if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
+            self.kernels = cpu_kernels.load(cache_dir)
         self._load(weights)
         cos, sin = rope_cache(config, max_positions, device)
         self.cos = cos
@@ -59,42 +71,40 @@ class LlamaModel:
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if "lm_head.weight" not in w else take("lm_head.weight")
-        # CPU: [in, out] projections (see the module docstring); the [hidden, vocab] head too
-        self.transposed = self.device.type == "cpu" and self.dtype == torch.float32
-        self.lm_head_t = self.lm_head.t().contiguous() if self.transposed else None
-        proj = (lambda t: t.t().contiguous()) if self.transposed else (lambda t: t)
+        lm_head = self.embed if "lm_head.weight" not in w else take("lm_head.weight")
+        k = self.kernels
+        self.lm_head: Weight = lm_head if k is None else k.pack(lm_head)
+
+        def proj(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[Weight, torch.Tensor | None]:
+            return (weight, bias) if k is None else (k.pack(weight, bias), None)
+
         self.layers = []
         for i in range(self.config.num_layers):
             p = f"model.layers.{i}."
             qkv_bias = None
             if p + "self_attn.q_proj.bias" in w:
                 qkv_bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            qkv, qkv_bias = proj(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), qkv_bias)
+            o, o_bias = proj(take(p + "self_attn.o_proj.weight"), maybe(p + "self_attn.o_proj.bias"))
             self.layers.append(
                 _Layer(
                     attn_norm=take(p + "input_layernorm.weight"),
-                    qkv=proj(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                    qkv=qkv,
                     qkv_bias=qkv_bias,
-                    o=proj(take(p + "self_attn.o_proj.weight")),
-                    o_bias=maybe(p + "self_attn.o_proj.bias"),
+                    o=o,
+                    o_bias=o_bias,
                     mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=proj(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
-                    down=proj(take(p + "mlp.down_proj.weight")),
+                    gate_up=proj(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))[0],
+                    down=proj(take(p + "mlp.down_proj.weight"))[0],
                 )
             )
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`x @ W.T + bias` for a projection weight as this model stores it."""
-        if not self.transposed:
-            return F.linear(x, w, bias)
-        return torch.addmm(bias, x, w) if bias is not None else x @ w
-
     def weight_bytes(self) -> int:
-        """Bytes of weights read by one decode step (the roofline numerator)."""
-        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of weights read by one decode step (the roofline numerator): every layer's,
+        the final norm and the LM head (the embedding table is read one row per token)."""
+        total = _nbytes(self.norm) + _nbytes(self.lm_head)
         for layer in self.layers:
-            total += sum(t.numel() * t.element_size() for t in layer.tensors())
+            total += sum(_nbytes(t) for t in layer.tensors())
         return total
 
     @torch.inference_mode()
@@ -105,25 +115,30 @@ class LlamaModel:
         t = input_ids.shape[0]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, self.eps)
-            qkv = self.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
             k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
             write_kv(pool, i, k, v.view(t, self.num_kv_heads, self.head_dim), meta)
             a = attend(pool, i, q, meta, self.scale)
-            h = h + self.linear(a.reshape(t, self.q_size), layer.o, layer.o_bias)
+            h = h + linear(a.reshape(t, self.q_size), layer.o, layer.o_bias)
             x = rms_norm(h, layer.mlp_norm, self.eps)
-            gate, up = self.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + self.linear(F.silu(gate) * up, layer.down)
+            gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, layer.down)
         return rms_norm(h, self.norm, self.eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_t is not None and hidden.shape[0] <= _LM_HEAD_ROWS_T:
-            return (hidden @ self.lm_head_t).float()
-        if self.transposed:
-            return (self.lm_head @ hidden.t()).t().contiguous()
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ w.T + bias`; a packed weight carries its own bias."""
+    return w(x) if isinstance(w, PackedWeight) else F.linear(x, w, bias)
+
+
+def _nbytes(t: Weight) -> int:
+    return t.nbytes() if isinstance(t, PackedWeight) else t.numel() * t.element_size()
 
 
 class _Layer:
@@ -133,7 +148,7 @@ class _Layer:
         for name, value in tensors.items():
             setattr(self, name, value)
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[Weight]:
         return [t for t in (getattr(self, n) for n in self.__slots__) if t is not None]
 
 

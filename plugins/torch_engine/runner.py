@@ -28,6 +28,8 @@ class ModelRunner:
         self.device = model.device
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        kernels = model.kernels
+        self.kernels = kernels if kernels is not None and kernels.handles_attention(pool, model.num_heads) else None
         # Set by the engine: masks the sampled rows' logits in place (structured outputs).
         self.logits_hook: Callable[[torch.Tensor, list[Sequence]], None] | None = None
 
@@ -37,10 +39,10 @@ class ModelRunner:
         sequence whose pending tokens are all computed by this step. Prompt logprobs of the
         prompt rows computed this step are appended to their sequences."""
         input_ids, positions, meta, sample_rows, samplers = self._prepare(batch)
-        if self.device.type == "cpu":
-            # oneDNN's matmul is ~2.4x slower than ATen's own GEMV for one or two rows on
-            # CPU and faster from four rows up; the flag is process-wide, and only this
-            # thread does heavy math in a worker process.
+        if self.device.type == "cpu" and self.model.kernels is None:
+            # PyTorch's GEMMs: oneDNN's matmul is ~2.4x slower than ATen's own GEMV for one
+            # or two rows on CPU and faster from four rows up; the flag is process-wide, and
+            # only this thread does heavy math in a worker process.
             torch.backends.mkldnn.enabled = input_ids.numel() > 2
         hidden = self.model.forward(input_ids, positions, self.pool, meta)
         self._prompt_logprobs(batch, hidden)
@@ -112,20 +114,23 @@ class ModelRunner:
                 sample_rows.append(row0 + n - 1)
                 samplers.append(seq)
         dev = self.device
-        tables = mask = None
+        tables = lens = mask = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
-            cols = torch.arange(width * bs, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            mask = (cols[None, :] < lens[:, None])[:, None, None, :]
+            lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
+            if self.kernels is None:
+                cols = torch.arange(width * bs, device=dev)
+                mask = (cols[None, :] < lens[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=dev),
             num_decode=batch.num_decode,
             decode_block_tables=tables,
+            decode_lens=lens,
             decode_mask=mask,
             prefills=prefills,
+            kernels=self.kernels,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)

@@ -80,7 +80,7 @@ def build_parts(cfg: TorchEngineConfig) -> EngineParts:
     ckpt = load_checkpoint(cfg.model, cfg.cache_dir)
     mc = ckpt.config
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    model = LlamaModel(mc, ckpt.weights, dtype, device, max_len)
+    model = LlamaModel(mc, ckpt.weights, dtype, device, max_len, cfg.cpu_kernels, cfg.cache_dir)
     del ckpt
     dtype_name = str(dtype).removeprefix("torch.")
     layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype_name, mc.model_id)
