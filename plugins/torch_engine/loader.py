@@ -126,15 +126,17 @@ def cache_path(gguf_path: str, cache_dir: str = "") -> str:
     return cache_entry(gguf_path, cache_dir, "gguf", _CACHE_FORMAT) + ".safetensors"
 
 
+def cache_root(cache_dir: str = "") -> str:
+    """`cache_dir`, else `TRIDENT_CACHE_DIR`, else `~/.cache/trident`: where the engine keeps
+    what it derives (converted weights, compiled CPU kernels)."""
+    return cache_dir or os.environ.get("TRIDENT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "trident")
+
+
 def cache_entry(source: str, cache_dir: str, kind: str, version: int) -> str:
     """`<cache root>/<kind>/<model id>-<digest>`: the digest keys the entry to `source`'s path,
     size and mtime and to the entry's format `version`. The root is `cache_dir`, else
     `TRIDENT_CACHE_DIR`, else `~/.cache/trident`. Also used by `plugins.vllm.model_dir`."""
-    root = (
-        cache_dir
-        or os.environ.get("TRIDENT_CACHE_DIR")
-        or os.path.join(os.path.expanduser("~"), ".cache", "trident")
-    )
+    root = cache_root(cache_dir)
     st = os.stat(source)
     key = f"{version}|{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from plugins.torch_engine import loader
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -94,7 +96,7 @@ class PackedWeight:
         w = w.float()
         if padded != n:
             w = torch.cat([w, w.new_zeros(padded - n, k)])
-            bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(padded - n, dtype=torch.float32)])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(padded - n)])
         self._k = kernels
         self.panels = w.view(padded // PANEL, PANEL, k).transpose(1, 2).contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
@@ -167,8 +169,7 @@ def _build(cache_root: str) -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
-    root = Path(cache_root or os.environ.get("TRIDENT_CACHE_DIR") or Path.home() / ".cache" / "trident")
-    return _compile(cc, root / "kernels" / library_name())
+    return _compile(cc, Path(loader.cache_root(cache_root)) / "kernels" / library_name())
 
 
 def _compile(cc: str, target: Path) -> Path:
