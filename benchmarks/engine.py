@@ -2,11 +2,14 @@
 
     taskset -c 0 python -m benchmarks.engine [--threads 1] [--repeats 3] [--peers torch,vllm,transformers]
                                              [--dtype auto|bfloat16|float32] [--json PATH]
+    python -m benchmarks.engine --threads 2 --peers torch,torch@1,vllm,vllm@1
 
 Measures decode tokens/s at batch 1 and 16 and prefill tokens/s for each peer, and our
 batch-1 decode step against the memory-bandwidth bound (weight bytes read per step / the
 measured read bandwidth). Peer "torch-aten" is our engine on PyTorch's own kernels
-(`cpu_kernels` off), to compare ours against. `--dtype auto` (the default) is the engine's
+(`cpu_kernels` off), to compare ours against. A peer named `kind@N` runs with N threads
+instead of --threads, in the same interleaved run: `torch@1` beside `torch` gives our
+thread scaling (on the last line). `--dtype auto` (the default) is the engine's
 choice for this CPU, given to vLLM too: bfloat16 where the CPU has bf16 instructions, else
 float32. Every peer runs in a process of its own (`benchmarks.engine_peers`), built
 once, on the cores this process may use (pin them with `taskset`), and the repetitions are
@@ -17,7 +20,7 @@ busy (1-minute load above --max-load before any peer started) is flagged, its ra
 to be trusted. vLLM runs through our engine plugin (`plugins.vllm`), compiled (its default) unless
 --vllm-eager; transformers in float32 (its fastest dtype for this GGUF) unless --hf-dtype.
 Last line: `engine: batch16 decode {x}x transformers, batch1 {y}x, batch-1 step {z}x its bound,
-vs vLLM batch16 {v}x, batch1 {w}x`.
+vs vLLM batch16 {v}x, batch1 {w}x[, {n} threads vs 1 batch16 {s}x, batch1 {u}x]`.
 
 With --structured, our engine alone: batch-16 decode with a JSON-schema grammar vs without
 (`benchmarks.engine_structured`).
@@ -56,10 +59,19 @@ def resolved_dtype(name: str) -> str:
     return str(resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.")
 
 
+def peer_opts(name: str, opts: dict) -> dict:
+    """The options of peer `name`: `kind@N` runs with N threads."""
+    _, _, threads = name.partition("@")
+    return {**opts, "threads": int(threads)} if threads else opts
+
+
 def available_peers(requested: list[str]) -> list[str]:
     out = []
     for kind in requested:
-        if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        base, _, threads = kind.partition("@")
+        if base not in PEERS or (threads and not threads.isdigit()):
+            raise SystemExit(f"unknown peer {kind!r}: expected one of {PEERS}, optionally with @THREADS")
+        if base == "vllm" and importlib.util.find_spec("vllm") is None:
             print("vllm: not installed (make setup-vllm); left out")
             continue
         out.append(kind)
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_words": args.prompt_words, "prefill_words": args.prefill_words}
     cores = sorted(os.sched_getaffinity(0))
     load_before = os.getloadavg()
-    peers = {k: Peer(k, opts, serve) for k in kinds}  # built one after another, then measured interleaved
+    peers = {k: Peer(k, peer_opts(k, opts), serve) for k in kinds}  # built one after another, measured interleaved
     try:
         load_start = os.getloadavg()
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
@@ -140,7 +152,8 @@ def report(args, cores, stats, infos, loads, runs) -> None:
         bound = step_s / bound_s
         print(f"ours batch-1 step {step_s * 1e3:.1f} ms (best of {args.repeats}) = {bound:.2f}x its bound "
               f"{bound_s * 1e3:.1f} ms ({infos['torch']['weight_bytes'] / 1e6:.0f} MB weights at {bw:.1f} GB/s read)")
-    pairs = (("torch", "transformers"), ("torch", "vllm"), ("torch", "torch-aten"))
+    pairs = (("torch", "transformers"), ("torch", "vllm"), ("torch", "torch-aten"), ("torch", "torch@1"),
+             ("vllm", "vllm@1"), ("torch@1", "vllm@1"))
     r = {f"{a}_vs_{b}_{m}": ratio(stats, a, b, m) for a, b in pairs
          for m in METRICS}
     write_json(args.json, {"stats": stats, "runs": runs, "infos": infos, "cores": cores, "threads": args.threads,
@@ -153,7 +166,10 @@ def report(args, cores, stats, infos, loads, runs) -> None:
     print(f"engine: batch16 decode {fmt(r['torch_vs_transformers_decode_b16_tok_s'])} transformers, "
           f"batch1 {fmt(r['torch_vs_transformers_decode_b1_tok_s'])}, "
           f"batch-1 step {'n/a' if bound is None else f'{bound:.2f}x'} its bound, "
-          f"vs vLLM batch16 {fmt(r['torch_vs_vllm_decode_b16_tok_s'])}, batch1 {fmt(r['torch_vs_vllm_decode_b1_tok_s'])}")
+          f"vs vLLM batch16 {fmt(r['torch_vs_vllm_decode_b16_tok_s'])}, batch1 {fmt(r['torch_vs_vllm_decode_b1_tok_s'])}"
+          + ("" if r["torch_vs_torch@1_decode_b16_tok_s"] is None else
+             f", {args.threads} threads vs 1 batch16 {fmt(r['torch_vs_torch@1_decode_b16_tok_s'])}, "
+             f"batch1 {fmt(r['torch_vs_torch@1_decode_b1_tok_s'])}"))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def serve(kind: str, opts: dict[str, Any], conn) -> None:
     from router_ensemble.text.tokenizer import load_tokenizer
 
     try:
-        peer, info = build(kind, opts)
+        peer, info = build(kind.partition("@")[0], opts)  # "kind@N": N threads, already in opts
         tok = load_tokenizer("")
         prompts = {
             1: make_prompts(tok, 1, opts["prompt_words"]),

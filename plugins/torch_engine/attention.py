@@ -4,8 +4,9 @@ The pool has shape `(num_blocks, num_layers, 2, block_size, kv_heads, head_dim)`
 (`kv_manager.layout`). The scheduler builds one `AttentionMetadata` per step; every layer
 of the model calls `write_kv` then `attend` with it. Decode rows (one query token each) are
 attended together: by the engine's CPU kernel reading K/V in place when the runner set
-`kernels` (float32 on CPU), else as one padded batch gathered from the pool. Each prefill
-chunk is attended on its own with a causal mask offset by the tokens already in the cache.
+`kernels` (float32 on CPU; the model then writes K/V with them too), else as one padded
+batch gathered from the pool. Each prefill chunk is attended on its own with a causal mask
+offset by the tokens already in the cache.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def write_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, m
 
 def attend(pool: torch.Tensor, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention output [T, heads, head_dim] for queries q [T, heads, head_dim]."""
-    out = torch.empty_like(q)
     d = meta.num_decode
+    if d and d == q.shape[0]:
+        return _decode_attention(pool, layer, q, meta, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if d:
         out[:d] = _decode_attention(pool, layer, q[:d], meta, scale)
     for span in meta.prefills:

@@ -31,6 +31,9 @@ class TorchEngineConfig:
     max_model_len: int = 0  # 0: the model's own context length
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     cpu_kernels: bool = True  # float32 on x86-64 CPUs: our packed GEMM and decode attention
+    # CUDA devices only: decode-only steps replay CUDA graphs captured per (batch, context
+    # width) bucket (plugins.torch_engine.cuda_graphs) instead of launching every kernel
+    cuda_graphs: bool = True
     enable_prefix_caching: bool = True
     shareable_kv: bool = False  # allocate the pool so peers can map it (disaggregation)
     worker_id: str = "worker"

