@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 
 from plugins.torch_engine.attention import AttentionMetadata
-from plugins.torch_engine.kernels import CpuKernels
 from plugins.torch_engine.llama import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -124,14 +123,12 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         capture: Capture,
-        kernels: CpuKernels | None = None,
         max_graphs: int = MAX_GRAPHS,
     ) -> None:
         self.model = model
         self.pool = pool
         self.block_size = block_size
         self.device = pool.device
-        self.kernels = kernels  # handed to attention as the runner would (CPU only)
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.width_buckets = width_buckets(max_model_len, block_size)
         self.max_graphs = max_graphs
@@ -213,11 +210,11 @@ class DecodeGraphs:
         ids, positions, slot_blocks, slot_offsets, lens = inputs[: _ROWS * b].view(_ROWS, b)
         tables = inputs[_ROWS * b :].view(b, w)
         cols = torch.arange(w * self.block_size, device=self.device)
-        model, pool, kernels = self.model, self.pool, self.kernels
+        model, pool = self.model, self.pool
 
         def forward() -> torch.Tensor:
             lens32 = lens.to(torch.int32)
-            mask = None if kernels is not None else (cols[None, :] < lens32[:, None])[:, None, None, :]
+            mask = (cols[None, :] < lens32[:, None])[:, None, None, :]
             meta = AttentionMetadata(
                 slot_blocks=slot_blocks,
                 slot_offsets=slot_offsets,
@@ -226,7 +223,6 @@ class DecodeGraphs:
                 decode_lens=lens32,
                 decode_mask=mask,
                 prefills=[],
-                kernels=kernels,
             )
             return model.forward(ids, positions, pool, meta)
 

@@ -62,10 +62,8 @@ class LlamaModel:
         # attention (the pool is theirs to read and write).
         self.decode_layers: DecodeLayers | None = None
         if self.kernels is not None:
-            layers = [{n: getattr(layer, n) for n in ("attn_norm", "mlp_norm", "qkv", "o", "gate_up", "down")}
-                      for layer in self.layers]
-            self.decode_layers = DecodeLayers.make(self.kernels, layers, self.eps, self.num_heads, self.num_kv_heads,
-                                                   self.head_dim)
+            self.decode_layers = DecodeLayers.make(self.kernels, self.layers, self.eps, self.num_heads,
+                                                   self.num_kv_heads, self.head_dim)
         cos, sin = rope_cache(config, max_positions, device)
         self.cos = cos
         self.sin = sin

@@ -23,6 +23,7 @@ import ctypes
 import logging
 import subprocess
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -124,6 +125,9 @@ class CpuKernels:
                 and pool.stride(5) == 1 and pool.stride(4) == dim)
 
 
+_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
 class _LayerWeights(ctypes.Structure):
     """`struct layer_weights` of the C source."""
 
@@ -134,32 +138,33 @@ class _LayerWeights(ctypes.Structure):
 class DecodeLayers:
     """Every decoder layer of a model as one call, for decode-only steps (`decode_layers` in
     the C source: the per-op forward's steps with no Python between them). `LlamaModel`
-    builds it once its weights are packed (`make`) and calls it from `forward`; it holds raw
-    pointers into the model's weights, which the model keeps alive."""
+    builds it once its weights are packed (`make`, over its layers: objects with `attn_norm`,
+    `mlp_norm` and the packed projections as attributes) and calls it from `forward`; it holds
+    raw pointers into the model's weights, which the model keeps alive."""
 
-    def __init__(self, kernels: CpuKernels, layers: list[dict], eps: float, heads: int, kv_heads: int, dim: int) -> None:
+    def __init__(self, kernels: CpuKernels, layers: Sequence, eps: float, heads: int, kv_heads: int, dim: int) -> None:
         self._k = kernels
         self._weights = (_LayerWeights * len(layers))()
         for slot, layer in zip(self._weights, layers, strict=True):
             for name in ("attn_norm", "mlp_norm"):
-                setattr(slot, name, layer[name].data_ptr())
-            for name in ("qkv", "o", "gate_up", "down"):
-                setattr(slot, name, layer[name].panels.data_ptr())
-            slot.qkv_bias, slot.o_bias = _ptr(layer["qkv"].bias) or None, _ptr(layer["o"].bias) or None
+                setattr(slot, name, getattr(layer, name).data_ptr())
+            for name in _PROJECTIONS:
+                setattr(slot, name, getattr(layer, name).panels.data_ptr())
+            slot.qkv_bias, slot.o_bias = _ptr(layer.qkv.bias) or None, _ptr(layer.o.bias) or None
         first = layers[0]
-        self.hidden, self.inter = first["o"].out_features, first["gate_up"].out_features // 2
+        self.hidden, self.inter = first.o.out_features, first.gate_up.out_features // 2
         self.eps, self.heads, self.kv_heads, self.dim = eps, heads, kv_heads, dim
-        self._scratch_per_row = self.hidden + first["qkv"].out_features + heads * dim + 3 * self.inter
+        self._scratch_per_row = self.hidden + first.qkv.out_features + heads * dim + 3 * self.inter
 
     @classmethod
-    def make(cls, kernels: CpuKernels, layers: list[dict], eps: float, heads: int, kv_heads: int, dim: int) -> DecodeLayers | None:
+    def make(cls, kernels: CpuKernels, layers: Sequence, eps: float, heads: int, kv_heads: int, dim: int) -> DecodeLayers | None:
         """None unless every projection is packed without padding, as `decode_layers` reads them."""
         for layer in layers:
-            for name in ("qkv", "o", "gate_up", "down"):
-                w = layer[name]
+            for name in _PROJECTIONS:
+                w = getattr(layer, name)
                 if not isinstance(w, PackedWeight) or w.out_features % PANEL:
                     return None
-            if layer["o"].out_features != layer["down"].out_features or layer["qkv"].out_features != (heads + 2 * kv_heads) * dim:
+            if layer.o.out_features != layer.down.out_features or layer.qkv.out_features != (heads + 2 * kv_heads) * dim:
                 return None
         return cls(kernels, layers, eps, heads, kv_heads, dim) if layers else None
 
