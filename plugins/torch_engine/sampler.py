@@ -13,7 +13,7 @@ worker after a migration, `GenerateRequest.output_offset`) draws what one worker
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +68,13 @@ def sample(
     default_gen: torch.Generator,
     tokens: Sequence[Sequence[int]] = (),
     output_starts: Sequence[int] = (),
+    argmax: Callable[[torch.Tensor], list[int]] | None = None,
 ) -> list[tuple[int, Logprob | None]]:
     """Pick one token per row of `logits` [S, vocab] (float32, on any device), with its
     logprobs when the row's request asks for them. `num_outputs`: each row's outputs so far
     in this run (a decode worker's count includes the first token); `tokens[i]`: row i's
-    prompt and outputs, its outputs from `output_starts[i]` (for the penalties)."""
+    prompt and outputs, its outputs from `output_starts[i]` (for the penalties). `argmax`:
+    the row-wise argmax to use in place of torch's (the runner passes the CPU kernels' one)."""
     logits = logits.float().contiguous()
     params = [st.params for st in states]
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -85,7 +87,7 @@ def sample(
         # (a ban of the whole vocabulary would leave nothing to sample: then min_tokens yields)
         if st.banned_until_min and n < st.params.min_tokens and len(st.banned_until_min) < vocab:
             logits[row, list(st.banned_until_min)] = float("-inf")
-    greedy = logits.argmax(dim=-1).tolist()
+    greedy = argmax(logits) if argmax is not None else logits.argmax(dim=-1).tolist()
     out: list[int] = []
     for row, (st, n) in enumerate(zip(states, num_outputs, strict=True)):
         p = st.params

@@ -70,6 +70,51 @@ def test_packed_gemm_adds_into_its_output(k, m):
     torch.testing.assert_close(odd, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 8, 16, 19])
+@pytest.mark.parametrize("kdim", [1, 67, 150, 576])
+def test_packed_gemm_adds_over_chunks_of_k_with_a_bias(k, m, kdim):
+    """Up to 18 rows take a panel 64 k steps at a time (the bias in the first chunk, later
+    chunks adding); one row is a GEMV with four partial sums and a k % 4 tail."""
+    torch.manual_seed(m * 7 + kdim)
+    w, bias, x, h = torch.randn(80, kdim), torch.randn(80), torch.randn(m, kdim), torch.randn(m, 80)
+    expected = h + F.linear(x, w, bias)
+    k.pack(w, bias).add_to(h, x)
+    torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n", [16, 48, 960, 3072])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_packed_gemm_threads_share_the_panels_between_them(k, threads, n, m):
+    """The threads take runs of panels from a counter: every panel exactly once, whatever the
+    count (1 panel, fewer panels than runs, thousands)."""
+    torch.manual_seed(n + m)
+    w, x = torch.randn(n, 96), torch.randn(m, 96)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = k.pack(w)(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 8, 9, 64, 1003, 49152])
+def test_argmax_matches_torch(k, vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab)
+    logits[1] = 0.0  # all tied: the first index
+    logits[2] = float("-inf")
+    logits[3, -1] = 1e4  # the maximum in the tail after the vectors
+    logits[4, vocab // 2] = float("nan")  # a NaN counts as the maximum, as in torch
+    logits[4, -1] = float("nan")
+    if vocab > 2:
+        logits[5, 1] = logits[5, vocab - 1] = 1e4  # a tie between lanes: the lower index
+    assert k.argmax(logits) == logits.argmax(dim=-1).tolist()
+    wide = torch.randn(3, vocab + 7)
+    assert k.argmax(wide[:, 3 : 3 + vocab]) == wide[:, 3 : 3 + vocab].argmax(dim=-1).tolist()
+
+
 @pytest.mark.parametrize("dim", [8, 20, 576])
 def test_rms_norm_matches_the_model(k, dim):
     from plugins.torch_engine.llama import rms_norm

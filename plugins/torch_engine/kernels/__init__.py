@@ -3,7 +3,8 @@
 `LlamaModel` asks `load()` for them when it runs float32 on CPU with `cpu_kernels` on: the
 packed GEMM for every projection and the LM head, and a decoder layer's elementwise steps
 (RMSNorm, SwiGLU). The `ModelRunner` hands them to attention through `AttentionMetadata`
-when they can read its KV pool: decode attention, and RoPE with the step's KV writes. Where
+when they can read its KV pool (decode attention, and RoPE with the step's KV writes), and
+their argmax to the sampler for the greedy rows. Where
 they cannot be had (another CPU, no compiler; `kernels.build`) `load()` returns None and the
 model keeps PyTorch's kernels. ctypes releases the GIL for each call. The GEMM and attention
 use torch's intra-op thread count, on the library's own thread pool (not OpenMP: see the C
@@ -63,6 +64,7 @@ class CpuKernels:
         self._norm = entry("rms_norm", None, ptr, i64, i32, i32, ptr, f32, ptr, i64)
         self._silu = entry("silu_mul", None, ptr, i64, i32, i32, ptr)
         self._rope = entry("rope_store", None, ptr, i64, i32, ptr, ptr, i32, i32, i32, ptr, i64, i64, i64, ptr, ptr)
+        self._argmax = entry("argmax_rows", None, ptr, i64, i32, i32, ptr)
         self._layers = entry("decode_layers", i32, ptr, i32, i32, i32, ptr, f32, i32, i32, i32, i32, ptr, ptr, ptr,
                              i64, i64, i64, i64, ptr, ptr, ptr, i32, ptr, i32, f32, ptr, i32)
 
@@ -115,6 +117,14 @@ class CpuKernels:
         out = torch.empty(gate_up.shape[0], width, dtype=torch.float32)
         self._silu(gate_up.data_ptr(), gate_up.stride(0), gate_up.shape[0], width, out.data_ptr())
         return out
+
+    def argmax(self, logits: torch.Tensor) -> list[int]:
+        """torch.argmax(logits, dim=-1).tolist() for CPU rows logits [S, vocab] (float32,
+        elements adjacent): the same indices (first maximum; a NaN counts as the maximum)."""
+        logits = _rows(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
+        return out.tolist()
 
     @staticmethod
     def handles_attention(pool: torch.Tensor, num_heads: int) -> bool:

@@ -6,6 +6,7 @@
  *   attention.c  decode_attention: one query per sequence over its paged K/V, read in place
  *   layers.c     rms_norm, silu_mul, rope_store (RoPE with the step's KV writes), and
  *                decode_layers: every decoder layer of a decode step in one call
+ *   logits.c     argmax_rows: the greedy pick over a step's logits
  *   pool.c       run_parts: the library's own thread pool
  *
  * Threads: gemm_packed and decode_attention split their work over the pool's `threads - 1`
@@ -14,8 +15,8 @@
  * counts more threads than cores and stops spinning between regions, so every region waited
  * on a futex wake-up (~0.2 ms on these VMs, 150 regions a step). The pool's workers spin for
  * a while after each job before they sleep. One caller at a time uses the pool; a
- * concurrent caller runs its work alone. The elementwise kernels run on the caller only:
- * their work is smaller than a wake-up. */
+ * concurrent caller runs its work alone. The elementwise kernels and argmax_rows run on the
+ * caller only: their work is smaller than a wake-up. */
 #ifndef TRIDENT_KERNELS_H
 #define TRIDENT_KERNELS_H
 
@@ -69,6 +70,7 @@ int decode_attention(const float *q, int64_t q_stride, const float *pool, int64_
                      int heads, int kv_heads, int dim, int block, float scale, float *out, int threads);
 void rms_norm(const float *x, int64_t ldx, int rows, int dim, const float *w, float eps, float *out, int64_t ldo);
 void silu_mul(const float *gu, int64_t ldg, int rows, int width, float *out);
+void argmax_rows(const float *x, int64_t ld, int rows, int n, int64_t *out);
 void rope_store(float *qkv, int64_t ld, int rows, const float *cos, const float *sin, int heads, int kv_heads,
                 int dim, float *pool, int64_t block_stride, int64_t token_stride, int64_t v_offset,
                 const int64_t *blocks, const int64_t *offsets);
