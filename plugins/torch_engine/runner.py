@@ -101,7 +101,7 @@ class ModelRunner:
             self.generator,
             [s.token_ids for s in samplers] if penalized else (),
             [s.output_start for s in samplers] if penalized else (),
-            argmax=self.model.kernels.argmax if self.model.kernels is not None and logits.device.type == "cpu" else None,
+            argmax=self.model.kernels.argmax if self.model.kernels is not None else None,  # CPU models only
         )
         return [(seq, token, lp) for seq, (token, lp) in zip(samplers, sampled, strict=True)]
 

@@ -84,6 +84,21 @@ static void gemv_panel(const float *x, const float *p, int k, float *y, const fl
     _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[2][1], acc[3][1])));
 }
 
+/* One tile of 0 < rows <= MR rows, its height made a constant for gemm_tile. */
+static inline __attribute__((always_inline)) void tile_rows(const float *x, int64_t ldx, int rows, const float *p,
+                                                            int k, float *y, int64_t ldy, const float *bias, int add,
+                                                            const float *pf, int pf_lines) {
+    switch (rows) {
+    case 6: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 6); break;
+    case 5: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 5); break;
+    case 4: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 4); break;
+    case 3: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 3); break;
+    case 2: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 2); break;
+    case 1: gemm_tile(x, ldx, p, k, y, ldy, bias, add, pf, pf_lines, 1); break;
+    default: break;
+    }
+}
+
 /* All m rows against one panel. One tile (m <= MR) makes one pass, without prefetching: the
  * hardware prefetcher keeps up with that (measured faster), and one row is a GEMV. Several
  * tiles prefetch the next panel between them along the way. Up to CHUNKED_ROWS rows they
@@ -95,15 +110,8 @@ static void gemv_panel(const float *x, const float *p, int k, float *y, const fl
 static void gemm_panel(const float *x, int64_t ldx, int m, const float *p, int k, float *y, int64_t ldy,
                        const float *bias, int add, const float *next) {
     if (m <= MR) {
-        switch (m) {
-        case 6: gemm_tile(x, ldx, p, k, y, ldy, bias, add, NULL, 0, 6); break;
-        case 5: gemm_tile(x, ldx, p, k, y, ldy, bias, add, NULL, 0, 5); break;
-        case 4: gemm_tile(x, ldx, p, k, y, ldy, bias, add, NULL, 0, 4); break;
-        case 3: gemm_tile(x, ldx, p, k, y, ldy, bias, add, NULL, 0, 3); break;
-        case 2: gemm_tile(x, ldx, p, k, y, ldy, bias, add, NULL, 0, 2); break;
-        case 1: gemv_panel(x, p, k, y, bias, add); break;
-        default: break;
-        }
+        if (m == 1) gemv_panel(x, p, k, y, bias, add);
+        else tile_rows(x, ldx, m, p, k, y, ldy, bias, add, NULL, 0);
         return;
     }
     const int tiles = (m + MR - 1) / MR, chunk = m <= CHUNKED_ROWS ? KC : k;
@@ -121,14 +129,7 @@ static void gemm_panel(const float *x, int64_t ldx, int m, const float *p, int k
         const int lo = t * share, lines = nc && lo < kc ? kc - lo : 0;
         const float *xr = x + r * ldx + k0, *pf = lines ? nc + (int64_t)lo * NR : NULL;
         float *yr = y + r * ldy;
-        switch (m - r) {
-        case 5: gemm_tile(xr, ldx, pc, kc, yr, ldy, b, ad, pf, lines, 5); break;
-        case 4: gemm_tile(xr, ldx, pc, kc, yr, ldy, b, ad, pf, lines, 4); break;
-        case 3: gemm_tile(xr, ldx, pc, kc, yr, ldy, b, ad, pf, lines, 3); break;
-        case 2: gemm_tile(xr, ldx, pc, kc, yr, ldy, b, ad, pf, lines, 2); break;
-        case 1: gemm_tile(xr, ldx, pc, kc, yr, ldy, b, ad, pf, lines, 1); break;
-        default: break;
-        }
+        tile_rows(xr, ldx, m - r, pc, kc, yr, ldy, b, ad, pf, lines);
     }
 }
 
