@@ -64,7 +64,7 @@ def test_a_node_that_stops_renewing_drops_out_when_its_lease_expires(etcd) -> No
 
 def test_records_without_the_cluster_secret_are_ignored(etcd, caplog) -> None:
     client = EtcdClient(etcd)
-    EtcdRegistration(client, B, b"not-the-cluster-secret-at-all!!!", prefix="/t3").start()
+    forger = EtcdRegistration(client, B, b"not-the-cluster-secret-at-all!!!", prefix="/t3").start()
     forged = {"record": {"worker": "node-x/decode", "pool": "decode", "grpc": "10.9.9.9:1", "events": "tcp://10.9.9.9:2"},
               "auth": "00" * 32}
     client.put("/t3/workers/node-x/decode", json.dumps(forged))
@@ -75,6 +75,7 @@ def test_records_without_the_cluster_secret_are_ignored(etcd, caplog) -> None:
         assert "not signed with this cluster's secret" in caplog.text
     finally:
         good.close()
+        forger.close()
         client.close()
 
 
